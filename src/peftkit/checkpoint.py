@@ -1,0 +1,151 @@
+"""Adapter checkpoints in HF PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Tensor names are the model's parameter names with the adapter name left out, e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``. Loading is strict: a missing or
+unexpected key, or a shape that does not fit (an adapter made for another base model), is an error that
+names the keys, raised before anything is copied. Pickled ``adapter_model.bin`` files are only read with
+``torch.load(weights_only=True)``; every write goes through a temporary file and a rename.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from peftkit.io_utils import atomic_write
+
+if TYPE_CHECKING:
+    from peftkit.peft_model import PeftModel
+
+SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+RESERVED_ADAPTER_NAMES = {"__base__"}
+
+
+def validate_adapter_name(adapter_name: Any, model: nn.Module) -> None:
+    """Reject names that could escape the save folder or be confused with the model's own names.
+
+    Raises:
+        ValueError: the name is empty, has characters other than letters, digits, ``_`` and ``-``, is
+            reserved, or equals a module/parameter name segment of ``model`` (``weight``, ``lora_A``, ...).
+    """
+    if not isinstance(adapter_name, str) or not _ADAPTER_NAME_RE.match(adapter_name):
+        raise ValueError(
+            f"Invalid adapter name {adapter_name!r}: use letters, digits, '_' and '-' only (the name becomes "
+            f"a folder name and a part of parameter names, so '/', '.', '..' are not allowed)."
+        )
+    if adapter_name in RESERVED_ADAPTER_NAMES:
+        raise ValueError(f"{adapter_name!r} is reserved (it means 'no adapter' in mixed batches).")
+    segments = {seg for name, _ in model.named_parameters() for seg in name.split(".")}
+    segments |= {seg for name, _ in model.named_modules() for seg in name.split(".") if name}
+    if adapter_name in segments:
+        raise ValueError(
+            f"Adapter name {adapter_name!r} is also the name of a module or parameter in the model; "
+            f"parameter names would become ambiguous. Pick another name."
+        )
+
+
+def get_peft_model_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under HF PEFT's on-disk names."""
+    params = model.base_model.adapter_parameter_map(adapter_name)
+    return {PREFIX + key: param.detach() for key, param in params.items()}
+
+
+def set_peft_model_state_dict(
+    model: PeftModel, state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
+) -> None:
+    """Copy ``state_dict`` (on-disk names) into adapter ``adapter_name``; strict, all-or-nothing.
+
+    Keys that name a parameter of the base model itself (HF PEFT saves a resized embedding as
+    ``...embed_tokens.base_layer.weight``) are loaded into it.
+    """
+    expected = {
+        PREFIX + key: param for key, param in model.base_model.adapter_parameter_map(adapter_name).items()
+    }
+    own = dict(model.named_parameters())
+    own.update({k: v for k, v in model.named_buffers() if k not in own})
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(k for k in state_dict if k not in expected and k not in own)
+    targets = {k: expected.get(k, own.get(k)) for k in state_dict if k in expected or k in own}
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(p.shape)}"
+        for k, p in targets.items()
+        if tuple(state_dict[k].shape) != tuple(p.shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = [f"The checkpoint does not fit adapter {adapter_name!r} of this model."]
+        if mismatched:
+            parts.append(
+                "Shape mismatches (was the adapter made for another base model?): "
+                + "; ".join(mismatched[:10])
+            )
+        if missing:
+            parts.append(f"Missing keys ({len(missing)}): {', '.join(missing[:10])}")
+        if unexpected:
+            parts.append(f"Unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}")
+        parts.append("Nothing was loaded.")
+        raise ValueError(" ".join(parts))
+    with torch.no_grad():
+        for key, target in targets.items():
+            target.copy_(state_dict[key].to(device=target.device, dtype=target.dtype))
+
+
+def save_adapter_weights(
+    tensors: dict[str, torch.Tensor], folder: str, safe_serialization: bool = True
+) -> str:
+    """Write the tensors atomically; returns the file path."""
+    os.makedirs(folder, exist_ok=True)
+    # safetensors refuses tensors that share memory; saved tensors are small, so copy them.
+    data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+        atomic_write(path, lambda tmp: save_file(data, tmp, metadata={"format": "pt"}))
+    else:
+        path = os.path.join(folder, WEIGHTS_NAME)
+        atomic_write(path, lambda tmp: torch.save(data, tmp))
+    return path
+
+
+def load_adapter_weights(folder: str, **hub_kwargs: Any) -> dict[str, torch.Tensor]:
+    """Read ``adapter_model.safetensors`` (preferred) or ``adapter_model.bin`` (``weights_only``) from a
+    local folder, or from the hub when ``folder`` is a hub id and the hub is reachable."""
+    safetensors_path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    bin_path = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(safetensors_path) and not os.path.isfile(bin_path):
+        if os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"{folder} has no {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}; is it an adapter folder "
+                f"written by save_pretrained?"
+            )
+        from peftkit.config import _download_from_hub
+
+        safetensors_path = _download_from_hub(folder, SAFETENSORS_WEIGHTS_NAME, **hub_kwargs)
+    if os.path.isfile(safetensors_path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(safetensors_path)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(
+                f"{safetensors_path} is not a readable safetensors file ({err}); the file is corrupt or "
+                f"truncated. Re-save or re-download the adapter."
+            ) from None
+    try:
+        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{bin_path} could not be read as plain tensors ({type(err).__name__}: {err}). peftkit only "
+            f"loads .bin files with weights_only=True; convert it to safetensors."
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{bin_path} does not hold a dict of tensors.")
+    return state

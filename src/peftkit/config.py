@@ -1,0 +1,207 @@
+"""Configuration base class, the method and task enums, and JSON I/O.
+
+Every method's config is a dataclass that subclasses :class:`PeftConfig`. Configs are validated on
+construction (``__post_init__`` calls :meth:`PeftConfig.validate`), serialised to the JSON that HF PEFT
+writes (``adapter_config.json``), and never changed behind the user's back: derived values such as the
+expanded ``"all-linear"`` target list live on the injected model, not on the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from peftkit.io_utils import atomic_write_text
+
+CONFIG_NAME = "adapter_config.json"
+
+ConfigT = TypeVar("ConfigT", bound="PeftConfig")
+
+
+class PeftType(str, enum.Enum):
+    """Method identifiers, spelled as HF PEFT spells them in ``adapter_config.json``."""
+
+    LORA = "LORA"
+    ADALORA = "ADALORA"
+    IA3 = "IA3"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    ADAPTION_PROMPT = "ADAPTION_PROMPT"
+    # Methods HF PEFT does not have (AdapterHub-style); their names are peftkit's own.
+    BOTTLENECK = "BOTTLENECK"
+    ADAPTER_FUSION = "ADAPTER_FUSION"
+    BITFIT = "BITFIT"
+    UNIPELT = "UNIPELT"
+    MAM = "MAM"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TaskType(str, enum.Enum):
+    """What the wrapped model is for; picks the :class:`~peftkit.PeftModel` subclass."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _to_json_value(value: Any) -> Any:
+    """Turn config values into plain JSON: enums to strings, sets and tuples to sorted/plain lists."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, set):
+        return sorted(_to_json_value(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_to_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_json_value(v) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class PeftConfig:
+    """Fields every method shares.
+
+    Args:
+        peft_type: which method; set by each subclass, not by the user.
+        task_type: a :class:`TaskType` (or its string value) or ``None`` for a bare model.
+        base_model_name_or_path: the hub id or path of the base model, recorded at save time.
+        revision: the base model's revision, if any.
+        inference_mode: ``True`` freezes the adapter (as after ``from_pretrained(is_trainable=False)``).
+    """
+
+    peft_type: PeftType | str | None = field(default=None, init=False)
+    task_type: TaskType | str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None:
+            try:
+                self.task_type = TaskType(str(self.task_type))
+            except ValueError:
+                allowed = ", ".join(t.value for t in TaskType)
+                raise ValueError(
+                    f"Unknown task_type {self.task_type!r}; use one of: {allowed} (or None)."
+                ) from None
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------- API
+    def validate(self) -> None:
+        """Raise ``ValueError`` on inconsistent settings. Subclasses extend it."""
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _to_json_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def replace(self: ConfigT, **changes: Any) -> ConfigT:
+        """A validated copy with some fields changed (the config itself is never modified)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        values.update(changes)
+        return type(self)(**values)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **extra: Any) -> None:
+        """Write ``adapter_config.json`` (atomically) into ``save_directory``."""
+        os.makedirs(save_directory, exist_ok=True)
+        data = self.to_dict()
+        data.update(extra)
+        atomic_write_text(
+            os.path.join(save_directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True)
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
+        """Build the right config class from a dict read from ``adapter_config.json``.
+
+        Called on :class:`PeftConfig` it dispatches on ``peft_type`` through the registry; called on a
+        subclass it checks that the type matches. Keys the class does not know (newer HF PEFT fields,
+        typos) are dropped with one warning that names them.
+        """
+        from peftkit.registry import get_method, registered_methods
+
+        peft_type = data.get("peft_type")
+        if peft_type is None:
+            raise ValueError(
+                "The adapter config has no 'peft_type' key, so the method is unknown. Add e.g. "
+                '"peft_type": "LORA" to adapter_config.json.'
+            )
+        try:
+            spec = get_method(peft_type)
+        except KeyError:
+            names = ", ".join(registered_methods())
+            raise ValueError(
+                f"Unknown peft_type {peft_type!r} in the adapter config; peftkit knows: {names}."
+            ) from None
+        target_cls = spec.config_cls
+        if cls is not PeftConfig and not issubclass(target_cls, cls):
+            raise ValueError(
+                f"This adapter config is for peft_type {peft_type!r} ({target_cls.__name__}), "
+                f"not {cls.__name__}; load it with PeftConfig.from_pretrained or {target_cls.__name__}."
+            )
+        known = {f.name for f in dataclasses.fields(target_cls) if f.init}
+        unknown = sorted(k for k in data if k not in known and k != "peft_type")
+        # Book-keeping keys HF PEFT writes that carry no setting for peftkit.
+        silent = {"peft_version", "auto_mapping"}
+        reported = [k for k in unknown if k not in silent and data[k] not in (None, {}, [], False)]
+        if reported:
+            warnings.warn(
+                f"Ignoring adapter config keys that {target_cls.__name__} does not know: "
+                f"{', '.join(reported)}.",
+                stacklevel=2,
+            )
+        return target_cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> PeftConfig:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); is the adapter folder damaged?") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}.")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> PeftConfig:
+        """Read ``adapter_config.json`` from a local folder (or a hub id when the hub is reachable)."""
+        folder = os.path.join(path, subfolder) if subfolder else str(path)
+        config_file = os.path.join(folder, CONFIG_NAME)
+        if not os.path.isfile(config_file):
+            config_file = _download_from_hub(str(path), CONFIG_NAME, subfolder=subfolder, **kwargs)
+        return cls.from_json_file(config_file)
+
+
+def _download_from_hub(repo_id: str, filename: str, subfolder: str | None = None, **kwargs: Any) -> str:
+    """Fetch one file of an adapter from the Hugging Face hub; a clear error when that is impossible."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo_id, filename, subfolder=subfolder, **kwargs)
+    except Exception as err:
+        raise FileNotFoundError(
+            f"No {filename} in the local folder {repo_id!r}, and it could not be fetched from the hub "
+            f"({type(err).__name__}: {err}). Pass the path of a folder written by save_pretrained."
+        ) from None

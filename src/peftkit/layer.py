@@ -1,0 +1,275 @@
+"""The "wrap a layer" placement: a module that owns a frozen base layer plus named adapters.
+
+A method subclasses :class:`AdapterLayer` and declares, as class attributes, which of its attributes hold
+per-adapter parameters (``nn.ModuleDict`` / ``nn.ParameterDict`` keyed by adapter name) and per-adapter
+settings (plain dicts). From those declarations the core derives trainability, saving, loading,
+deletion and merging, without knowing the method::
+
+    x ──► base_layer ──────────────┐
+    │                              (+)──► y = base_layer(x) + Σ_active adapter_delta(x, name)
+    └──► adapter "a", adapter "b" ─┘
+
+A method implements :meth:`AdapterLayer.adapter_delta` (the additive change of the output) and, when its
+update can be folded into the base weight, :meth:`AdapterLayer.delta_weight`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+BASE_ADAPTER_NAME = "__base__"  # the row label for "no adapter" in mixed-adapter batches
+
+
+class AdapterLayer(nn.Module):
+    """Base class of layer wrappers. Subclasses set the class attributes below.
+
+    Attributes:
+        adapter_param_containers: names of ``ModuleDict``/``ParameterDict`` attributes keyed by adapter.
+        adapter_settings: names of plain ``dict`` attributes keyed by adapter (rank, scaling, ...).
+        saved_key_renames: on-disk spellings of local keys, e.g. ``{"m.weight": "m"}``.
+    """
+
+    adapter_param_containers: tuple[str, ...] = ()
+    adapter_settings: tuple[str, ...] = ()
+    saved_key_renames: dict[str, str] = {}  # noqa: RUF012 - read-only class constant
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        # Set by PeftModel for the duration of a forward with ``adapter_names=[...]`` (one per row).
+        self.batch_adapter_names: Sequence[str] | None = None
+
+    # ------------------------------------------------------------------------------- base access
+    def get_base_layer(self) -> nn.Module:
+        layer = self.base_layer
+        while isinstance(layer, AdapterLayer):
+            layer = layer.base_layer
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # ------------------------------------------------------------------------ parameter declaration
+    @property
+    def adapter_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for attr in self.adapter_param_containers:
+            names.update(dict.fromkeys(getattr(self, attr).keys()))
+        return list(names)
+
+    def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """The parameters of one adapter, keyed by their on-disk local name (adapter name left out)."""
+        params: dict[str, nn.Parameter] = {}
+        for attr in self.adapter_param_containers:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            if isinstance(container, nn.ParameterDict):
+                params[self.saved_key_renames.get(attr, attr)] = container[adapter_name]
+            else:
+                for name, param in container[adapter_name].named_parameters():
+                    local = f"{attr}.{name}"
+                    params[self.saved_key_renames.get(local, local)] = param
+        return params
+
+    # ------------------------------------------------------------------------ adapter management
+    def set_adapter(self, adapter_names: str | Iterable[str], trainable: bool = True) -> None:
+        """Activate ``adapter_names`` (their parameters train when ``trainable``); freeze the others."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in self.adapter_names:
+            for param in self.adapter_parameters(name).values():
+                param.requires_grad_(trainable and name in names)
+        self.active_adapters = [n for n in names if n in self.adapter_names]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            self.unmerge()
+        for attr in self.adapter_param_containers:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        for attr in self.adapter_settings:
+            getattr(self, attr).pop(adapter_name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    # ---------------------------------------------------------------------------------- forward
+    def adapter_delta(self, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor) -> torch.Tensor:
+        """The adapter's additive change of the base layer's output for input ``x``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                raise RuntimeError("Adapters are disabled while merged; unmerge before disabling.")
+            return self.base_layer(x, *args, **kwargs)
+        if self.batch_adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            result = result + self.adapter_delta(x, name, result)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        names = self.batch_adapter_names
+        assert names is not None
+        if len(names) != x.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows; give one "
+                f"adapter name (or {BASE_ADAPTER_NAME!r}) per row."
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        delta = torch.zeros_like(result)
+        for name in dict.fromkeys(names):
+            if name == BASE_ADAPTER_NAME or name not in self.adapter_names:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            delta[rows] = self.adapter_delta(x[rows], name, result[rows]).to(delta.dtype)
+        return result + delta
+
+    # ---------------------------------------------------------------------------------- merging
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's update in the base weight's layout: ``W_merged = W + delta_weight``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base weight.")
+
+    def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The merged weight for one adapter (methods whose merge is not additive override this)."""
+        return weight + self.delta_weight(adapter_name).to(weight.dtype)
+
+    def unmerge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return weight - self.delta_weight(adapter_name).to(weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weight.
+
+        Args:
+            safe_merge: compute the merged weight on a copy and refuse it if it has NaN or inf.
+            adapter_names: which adapters; already merged ones are skipped with a warning.
+        """
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        base = self.get_base_layer()
+        for name in names:
+            if name not in self.adapter_names:
+                continue
+            if name in self.merged_adapters:
+                warnings.warn(
+                    f"Adapter {name!r} is already merged; merging it again changes nothing.", stacklevel=3
+                )
+                continue
+            new_weight = self.merge_weight(base.weight.data, name)
+            if safe_merge and not torch.isfinite(new_weight).all():
+                raise ValueError(
+                    f"Merging adapter {name!r} would put NaN or inf into the base weight; the adapter is "
+                    f"broken (check its training). Nothing was merged into this layer."
+                )
+            base.weight.data = new_weight
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            base.weight.data = self.unmerge_weight(base.weight.data, name)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps the original module and, per adapter, a trainable full copy (e.g. a classifier head).
+
+    Key layout matches HF PEFT: ``<name>.original_module.*`` and ``<name>.modules_to_save.<adapter>.*``.
+    """
+
+    def __init__(self, module_to_save: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+        self.batch_adapter_names: Sequence[str] | None = None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def add_adapter(self, adapter_name: str) -> None:
+        import copy
+
+        copy_ = copy.deepcopy(self.original_module)
+        copy_.requires_grad_(False)
+        self.modules_to_save[adapter_name] = copy_
+
+    def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        if adapter_name not in self.modules_to_save:
+            return {}
+        return dict(self.modules_to_save[adapter_name].named_parameters())
+
+    def set_adapter(self, adapter_names: str | Iterable[str], trainable: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        present = [n for n in names if n in self.modules_to_save]
+        if len(present) > 1:
+            raise ValueError(
+                f"Adapters {present} each have their own copy of this module (modules_to_save); only one "
+                f"of them can be active at a time."
+            )
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(trainable and name in present)
+        self.active_adapter = present[0] if present else None
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.disable_adapters or (self.active_adapter is None and self.batch_adapter_names is None):
+            return self.original_module(x, *args, **kwargs)
+        if self.batch_adapter_names is None:
+            return self.modules_to_save[self.active_adapter](x, *args, **kwargs)
+        names = self.batch_adapter_names
+        rows_by_module: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            key = name if name in self.modules_to_save else BASE_ADAPTER_NAME
+            rows_by_module.setdefault(key, []).append(i)
+        outputs = []
+        order = []
+        for key, rows in rows_by_module.items():
+            module = self.original_module if key == BASE_ADAPTER_NAME else self.modules_to_save[key]
+            index = torch.tensor(rows, device=x.device)
+            outputs.append(module(x[index], *args, **kwargs))
+            order += rows
+        result = torch.cat(outputs)
+        inverse = torch.empty(len(order), dtype=torch.long, device=x.device)
+        inverse[torch.tensor(order, device=x.device)] = torch.arange(len(order), device=x.device)
+        return result[inverse]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Code that reads e.g. ``model.classifier.weight`` sees the active copy's attribute.
+            modules = self._modules
+            active = self.__dict__.get("active_adapter")
+            if active is not None and active in modules["modules_to_save"]:
+                return getattr(modules["modules_to_save"][active], name)
+            return getattr(modules["original_module"], name)

@@ -1,0 +1,569 @@
+"""LoRA: Low-Rank Adaptation, with rsLoRA, DoRA, PiSSA and OLoRA initialisations.
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022 (arXiv:2106.09685).
+A frozen weight ``W (out × in)`` gets a trainable low-rank update::
+
+    y = W x + s · B A x        A: r × in (random init), B: out × r (zero init), s = α / r
+
+    x ──► W ─────────────┐
+    │                   (+)──► y
+    └──► A ──► B ──► ·s ─┘
+
+* rsLoRA (Kalajievska, arXiv:2312.03732): ``s = α / √r`` keeps updates stable at high rank.
+* DoRA (Liu et al., ICML 2024, arXiv:2402.09353): the weight is split into magnitude and direction,
+  ``W' = m · (W + s·BA) / ‖W + s·BA‖_row`` with a trainable magnitude vector ``m`` initialised to
+  ``‖W‖_row``; the norm is treated as a constant in backward, as in the paper (§4.3).
+* PiSSA (Meng et al., arXiv:2404.02948): ``A, B`` from the top-r singular triplets of ``W``, and the
+  residual ``W - s·BA`` becomes the frozen base. OLoRA (Büyükakyüz, arXiv:2406.01775): the same with a QR
+  decomposition.
+
+In a transformer block LoRA wraps the attention projections (and, with ``"all-linear"``, the MLP).
+Supported layers: ``nn.Linear``, GPT-2's ``Conv1D`` (``fan_in_fan_out``), ``nn.Embedding``, ``nn.Conv2d``.
+Parameter names and the checkpoint format are HF PEFT's.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftkit.config import PeftConfig, PeftType
+from peftkit.layer import AdapterLayer
+from peftkit.merge import combine_cat, combine_linear, combine_svd
+from peftkit.registry import register_method
+from peftkit.targeting import per_module_value
+from peftkit.tuner import BaseTuner
+
+InitKind = bool | Literal["gaussian", "pissa", "olora"] | str
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """LoRA settings; field names and defaults are HF PEFT's ``LoraConfig``.
+
+    Args:
+        r: rank of the update (> 0).
+        target_modules: module names (list: exact or dotted suffix), a full-match regex, ``"all-linear"``,
+            or ``None`` for the architecture's default.
+        exclude_modules: modules to leave alone (same forms).
+        lora_alpha: the scale numerator α (> 0); ``s = α / r`` (or ``α / √r`` with ``use_rslora``).
+        lora_dropout: dropout on the adapter's input.
+        fan_in_fan_out: the base weight is stored ``(in, out)`` (GPT-2 ``Conv1D``; detected automatically).
+        bias: ``"none"``, ``"all"`` (train every bias) or ``"lora_only"`` (biases of wrapped layers).
+        use_rslora: rank-stabilised scaling ``α / √r``.
+        modules_to_save: modules (e.g. a new head) trained in full and saved with the adapter.
+        init_lora_weights: ``True`` (Kaiming-uniform A, zero B), ``"gaussian"`` (A ~ N(0, 1/r²)),
+            ``False`` (random B: not a no-op, for tests), ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``.
+        layers_to_transform / layers_pattern: restrict to these layer indices.
+        rank_pattern / alpha_pattern: per-module ``r`` / ``lora_alpha`` keyed by regex suffix.
+        use_dora: weight-decomposed LoRA (Linear and Conv1D layers).
+    """
+
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: InitKind = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+
+    def __post_init__(self) -> None:
+        self.peft_type = PeftType.LORA
+        super().__post_init__()
+
+    def validate(self) -> None:
+        _check_positive("r", self.r, integer=True)
+        _check_positive("lora_alpha", self.lora_alpha)
+        for key, value in self.rank_pattern.items():
+            _check_positive(f"rank_pattern[{key!r}]", value, integer=True)
+        for key, value in self.alpha_pattern.items():
+            _check_positive(f"alpha_pattern[{key!r}]", value)
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias={self.bias!r} is not one of 'none', 'all', 'lora_only'.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1).")
+        init = self.init_lora_weights
+        if not (
+            isinstance(init, bool) or init in ("gaussian", "pissa", "olora") or _pissa_niter(init) is not None
+        ):
+            raise ValueError(
+                f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
+                f"'pissa_niter_K' or 'olora'."
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern only applies together with layers_to_transform; set both.")
+        if isinstance(self.target_modules, (list, tuple, set)) and not self.target_modules:
+            raise ValueError("target_modules is an empty list; name at least one module or use 'all-linear'.")
+        if isinstance(self.target_modules, (set, tuple)):
+            raise TypeError("target_modules must be a list or a string (sets do not serialise reproducibly).")
+
+
+def _check_positive(name: str, value: Any, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        need = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"{name}={value!r} must be {need}.")
+
+
+def _pissa_niter(init: Any) -> int | None:
+    if isinstance(init, str) and init.startswith("pissa_niter_"):
+        suffix = init.removeprefix("pissa_niter_")
+        if suffix.isdigit():
+            return int(suffix)
+    return None
+
+
+def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    # Adapters train in float32 over half-precision or quantized bases (HF PEFT's autocast_adapter_dtype).
+    return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class DoraMagnitude(nn.Module):
+    """DoRA's trainable magnitude ``m`` (one value per output feature); saved as ``lora_magnitude_vector``."""
+
+    def __init__(self, magnitude: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
+class LoraLayer(AdapterLayer):
+    """State shared by the LoRA layer types: ranks, scalings, dropout and the DoRA switch."""
+
+    adapter_param_containers = (
+        "lora_A",
+        "lora_B",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",
+        "lora_dropout",
+    )
+    adapter_settings = ("r", "lora_alpha", "scaling", "use_dora", "_dora_norm_at_merge")
+    saved_key_renames = {"lora_magnitude_vector.weight": "lora_magnitude_vector"}  # noqa: RUF012
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self._dora_norm_at_merge: dict[str, torch.Tensor] = {}
+
+    def update_layer(
+        self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig, target_name: str
+    ) -> None:
+        """Add adapter ``adapter_name`` with rank ``r`` and scale numerator ``lora_alpha``."""
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
+        p = config.lora_dropout
+        self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.use_dora[adapter_name] = config.use_dora
+        self.create_factors(adapter_name, r)
+        self.init_factors(adapter_name, config.init_lora_weights, target_name)
+        if config.use_dora:
+            self.create_dora_magnitude(adapter_name, target_name)
+
+    # Each layer type fills these in.
+    def create_factors(self, adapter_name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def init_factors(self, adapter_name: str, init: InitKind, target_name: str) -> None:
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if init is False:
+            return  # keep the layers' default random init: B ≠ 0, so the adapter is not a no-op
+        if init in ("pissa", "olora") or _pissa_niter(init) is not None:
+            raise ValueError(
+                f"init_lora_weights={init!r} needs a Linear or Conv1D layer; {target_name} is "
+                f"{type(self.get_base_layer()).__name__}."
+            )
+        if init == "gaussian":
+            nn.init.normal_(A, std=1 / self.r[adapter_name])
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(B)
+
+    def create_dora_magnitude(self, adapter_name: str, target_name: str) -> None:
+        raise ValueError(
+            f"use_dora=True supports Linear and Conv1D layers; {target_name} is "
+            f"{type(self.get_base_layer()).__name__}. Exclude it with exclude_modules."
+        )
+
+
+class Linear(LoraLayer):
+    """LoRA on ``nn.Linear`` or on GPT-2's ``Conv1D`` (weight stored ``(in, out)``: ``fan_in_fan_out``)."""
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer, fan_in_fan_out)
+        weight = self.get_base_layer().weight
+        out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        self.in_features, self.out_features = in_features, out_features
+
+    def _base_weight_out_in(self) -> torch.Tensor:
+        """The base weight as ``(out, in)``, in float32 for decompositions."""
+        weight = self.get_base_layer().weight
+        return (weight.T if self.fan_in_fan_out else weight).detach()
+
+    def create_factors(self, adapter_name: str, r: int) -> None:
+        base_weight = self.get_base_layer().weight
+        kwargs = {"device": base_weight.device, "dtype": _adapter_dtype(base_weight.dtype)}
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kwargs)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **kwargs)
+
+    def init_factors(self, adapter_name: str, init: InitKind, target_name: str) -> None:
+        if init == "olora" or init == "pissa" or _pissa_niter(init) is not None:
+            self._decomposition_init(adapter_name, init)
+        else:
+            super().init_factors(adapter_name, init, target_name)
+
+    @torch.no_grad()
+    def _decomposition_init(self, adapter_name: str, init: str) -> None:
+        """PiSSA / OLoRA: start ``A, B`` on the principal part of ``W`` and freeze the residual."""
+        base = self.get_base_layer()
+        dtype = base.weight.dtype
+        weight = self._base_weight_out_in().to(torch.float32)  # (out, in)
+        r, scaling = self.r[adapter_name], self.scaling[adapter_name]
+        if init == "olora":
+            Q, R = torch.linalg.qr(weight)
+            lora_B, lora_A = Q[:, :r], R[:r]
+        else:
+            niter = _pissa_niter(init)
+            if niter is None:
+                U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+            else:
+                U, S, V = torch.svd_lowrank(weight, r, niter=niter)
+                Vh = V.T
+            sqrt_s = torch.sqrt(S[:r] / scaling)
+            lora_A = torch.diag(sqrt_s) @ Vh[:r]  # (r, in)
+            lora_B = U[:, :r] @ torch.diag(sqrt_s)  # (out, r)
+        self.lora_A[adapter_name].weight.data = lora_A.contiguous().to(self.lora_A[adapter_name].weight.dtype)
+        self.lora_B[adapter_name].weight.data = lora_B.contiguous().to(self.lora_B[adapter_name].weight.dtype)
+        residual = weight - scaling * lora_B @ lora_A
+        base.weight.data = (residual.T if self.fan_in_fan_out else residual).to(dtype).contiguous()
+
+    def create_dora_magnitude(self, adapter_name: str, target_name: str) -> None:
+        with torch.no_grad():
+            lora_weight = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight
+            norm = self._dora_weight_norm(lora_weight, self.scaling[adapter_name])
+        self.lora_magnitude_vector[adapter_name] = DoraMagnitude(
+            norm.to(self.lora_A[adapter_name].weight.dtype)
+        )
+
+    def _dora_weight_norm(self, lora_weight: torch.Tensor, scaling: float) -> torch.Tensor:
+        """‖W + s·BA‖ over each output row."""
+        weight = self._base_weight_out_in().to(lora_weight.dtype)
+        return torch.linalg.norm(weight + scaling * lora_weight, dim=1)
+
+    def adapter_delta(self, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor) -> torch.Tensor:
+        lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        dropout, scaling = self.lora_dropout[adapter_name], self.scaling[adapter_name]
+        x = x.to(lora_A.weight.dtype)
+        if not self.use_dora[adapter_name]:
+            return lora_B(lora_A(dropout(x))) * scaling
+        # DoRA: y = m/‖W+sBA‖ · (W x + s·BAx) + b, returned as a change of the base output.
+        lora_weight = lora_B.weight @ lora_A.weight  # (out, in)
+        weight_norm = self._dora_weight_norm(lora_weight.detach(), scaling).detach()
+        mag_norm_scale = (self.lora_magnitude_vector[adapter_name].weight / weight_norm).view(1, -1)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = self.bias
+            base_no_bias = base_output if bias is None else base_output - bias
+            dropped = x
+        else:
+            dropped = dropout(x)
+            base_no_bias = F.linear(dropped, self._base_weight_out_in().to(x.dtype))
+        lora_out = lora_B(lora_A(dropped))
+        return (mag_norm_scale - 1) * base_no_bias + mag_norm_scale * lora_out * scaling
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s · B A`` in the base weight's layout."""
+        delta = (
+            self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight * self.scaling[adapter_name]
+        )
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if not self.use_dora[adapter_name]:
+            return super().merge_weight(weight, adapter_name)
+        delta = self.delta_weight(adapter_name)
+        factor = self._dora_factor(weight, delta, adapter_name)
+        merged = factor * (weight + delta.to(weight.dtype))
+        return merged
+
+    def _dora_factor(self, weight: torch.Tensor, delta: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        weight_out_in = weight.T if self.fan_in_fan_out else weight
+        delta_out_in = delta.T if self.fan_in_fan_out else delta
+        norm = torch.linalg.norm(weight_out_in + delta_out_in.to(weight.dtype), dim=1).detach()
+        self._dora_norm_at_merge[adapter_name] = norm
+        factor = (
+            (self.lora_magnitude_vector[adapter_name].weight.detach() / norm).view(-1, 1).to(weight.dtype)
+        )
+        return factor.T if self.fan_in_fan_out else factor
+
+    def unmerge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if not self.use_dora[adapter_name]:
+            return super().unmerge_weight(weight, adapter_name)
+        norm = self._dora_norm_at_merge.pop(adapter_name)
+        factor = (
+            (self.lora_magnitude_vector[adapter_name].weight.detach() / norm).view(-1, 1).to(weight.dtype)
+        )
+        factor = factor.T if self.fan_in_fan_out else factor
+        return weight / factor - self.delta_weight(adapter_name).to(weight.dtype)
+
+
+class Embedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: ``E' = E + s · (B A)ᵀ`` with ``A: r × vocab`` (zero init), ``B: dim × r``."""
+
+    def create_factors(self, adapter_name: str, r: int) -> None:
+        base = self.get_base_layer()
+        kwargs = {"device": base.weight.device, "dtype": _adapter_dtype(base.weight.dtype)}
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, base.num_embeddings, **kwargs))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(base.embedding_dim, r, **kwargs))
+
+    def init_factors(self, adapter_name: str, init: InitKind, target_name: str) -> None:
+        if init is False:
+            nn.init.normal_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
+        elif init in (True, "gaussian"):
+            # A = 0 and B ~ N(0, 1), as microsoft/LoRA's Embedding
+            nn.init.zeros_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
+        else:
+            super().init_factors(adapter_name, init, target_name)
+
+    def adapter_delta(self, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        after_A = F.embedding(
+            x,
+            self.lora_embedding_A[adapter_name].T,
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
+        )
+        return (after_A @ self.lora_embedding_B[adapter_name].T) * self.scaling[adapter_name]
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        B, A = self.lora_embedding_B[adapter_name], self.lora_embedding_A[adapter_name]
+        return (B @ A).T * self.scaling[adapter_name]
+
+
+class Conv2d(LoraLayer):
+    """LoRA on ``nn.Conv2d``: A is a conv with the base kernel (to rank r), B a 1×1 conv back out."""
+
+    def create_factors(self, adapter_name: str, r: int) -> None:
+        base = self.get_base_layer()
+        if base.groups != 1:
+            raise ValueError(f"LoRA on grouped convolutions (groups={base.groups}) is not supported.")
+        kwargs = {"device": base.weight.device, "dtype": _adapter_dtype(base.weight.dtype)}
+        self.lora_A[adapter_name] = nn.Conv2d(
+            base.in_channels,
+            r,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            **kwargs,
+        )
+        self.lora_B[adapter_name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=False, **kwargs)
+
+    def adapter_delta(self, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor) -> torch.Tensor:
+        lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        x = x.to(lora_A.weight.dtype)
+        return lora_B(lora_A(self.lora_dropout[adapter_name](x))) * self.scaling[adapter_name]
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        # composing the two convolutions: B is 1×1, so the product is a per-kernel-position matmul
+        delta = torch.einsum("or,rihw->oihw", B[:, :, 0, 0], A)
+        return delta * self.scaling[adapter_name]
+
+
+class LoraModel(BaseTuner):
+    """Injects LoRA layers; adds LoRA's ``bias`` handling and :meth:`add_weighted_adapter`."""
+
+    def create_or_update_layer(
+        self, target: nn.Module, target_name: str, config: PeftConfig, adapter_name: str
+    ) -> nn.Module | None:
+        assert isinstance(config, LoraConfig)
+        r = per_module_value(target_name, config.rank_pattern, config.r)
+        alpha = per_module_value(target_name, config.alpha_pattern, config.lora_alpha)
+        if isinstance(target, LoraLayer):
+            target.update_layer(adapter_name, r, alpha, config, target_name)
+            return None
+        base = target.get_base_layer() if isinstance(target, AdapterLayer) else target
+        new_module = _new_lora_layer(base, target, target_name, config)
+        new_module.update_layer(adapter_name, r, alpha, config, target_name)
+        return new_module
+
+    def extra_adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        config = self.peft_config[adapter_name]
+        bias = getattr(config, "bias", "none")
+        if bias == "none":
+            return {}
+        if bias == "lora_only":
+            params = {}
+            for path, layer in self.adapter_layers():
+                if (
+                    isinstance(layer, LoraLayer)
+                    and adapter_name in layer.adapter_names
+                    and layer.bias is not None
+                ):
+                    params[f"{path}.base_layer.bias"] = layer.get_base_layer().bias
+            return params
+        return {
+            name: param
+            for name, param in self.model.named_parameters()
+            if name.rsplit(".", 1)[-1] == "bias" and ".modules_to_save." not in name
+        }
+
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+    ) -> None:
+        """A new adapter from a weighted combination of existing ones (HF PEFT's semantics).
+
+        * ``"cat"``: ``ΔW = Σ wᵢ ΔWᵢ`` exactly, with rank ``Σ rᵢ`` (factors stacked).
+        * ``"linear"``: ``A = Σ √wᵢ sᵢ Aᵢ``, ``B = Σ √wᵢ Bᵢ``; all ranks must be equal.
+        * ``"svd"``: the best rank-``svd_rank`` (default ``max rᵢ``) approximation of ``Σ wᵢ ΔWᵢ``.
+        The new adapter has ``lora_alpha = r`` (scaling 1). DoRA adapters cannot be combined.
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists; pick a new name.")
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError("Give one weight per adapter (and at least one adapter).")
+        configs = []
+        for name in adapters:
+            if name not in self.peft_config:
+                raise ValueError(f"Unknown adapter {name!r}; this model has {list(self.peft_config)}.")
+            configs.append(self.peft_config[name])
+        if any(c.use_dora for c in configs):
+            raise ValueError("DoRA adapters cannot be combined with add_weighted_adapter.")
+        ranks = [c.r for c in configs] + [v for c in configs for v in c.rank_pattern.values()]
+        if combination_type == "linear":
+            if len(set(ranks)) != 1:
+                raise ValueError(f"combination_type='linear' needs equal ranks, got {sorted(set(ranks))}.")
+            new_rank = ranks[0]
+        elif combination_type == "cat":
+            new_rank = sum(c.r for c in configs)
+        elif combination_type == "svd":
+            new_rank = svd_rank or max(ranks)
+        else:
+            raise ValueError(f"combination_type={combination_type!r}; use 'linear', 'cat' or 'svd'.")
+        targets = [c.target_modules for c in configs]
+        if all(isinstance(t, list) for t in targets):
+            new_targets: Any = sorted({m for t in targets for m in t})
+        elif len({str(t) for t in targets}) == 1:
+            new_targets = targets[0]
+        else:
+            new_targets = "|".join(f"({t})" for t in targets if isinstance(t, str))
+            if any(isinstance(t, list) for t in targets):
+                raise ValueError("Cannot combine adapters whose target_modules mix lists and regex strings.")
+        self.peft_config[adapter_name] = configs[0].replace(
+            r=new_rank, lora_alpha=new_rank, target_modules=new_targets, rank_pattern={}, alpha_pattern={}
+        )
+        try:
+            self.inject_adapter(adapter_name)
+            for _, layer in self.adapter_layers():
+                if isinstance(layer, LoraLayer) and adapter_name in layer.adapter_names:
+                    _combine_into(layer, adapters, weights, adapter_name, combination_type, svd_clamp)
+        except BaseException:
+            self._remove_adapter_modules(adapter_name)
+            del self.peft_config[adapter_name]
+            raise
+        self.set_adapter(self.active_adapters)
+
+
+@torch.no_grad()
+def _combine_into(
+    layer: LoraLayer,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    new_name: str,
+    combination_type: str,
+    svd_clamp: float | None,
+) -> None:
+    """Write the combination of ``adapters`` into the factors of ``new_name`` on one layer."""
+    embedding = isinstance(layer, Embedding)
+    present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapter_names]
+
+    def factors(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with A: r × in and B: out × r in every layer type; conv kernels flattened into in."""
+        if embedding:
+            return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+        A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        return A.flatten(1), B.flatten(1)
+
+    if embedding:
+        new_A, new_B = layer.lora_embedding_A[new_name], layer.lora_embedding_B[new_name]
+    else:
+        new_A, new_B = layer.lora_A[new_name].weight, layer.lora_B[new_name].weight
+    if not present:
+        new_A.zero_()
+        new_B.zero_()
+        return
+    scaled = [(factors(a), w, layer.scaling[a]) for a, w in present]
+    if combination_type == "cat":
+        A, B = combine_cat([(A, B) for (A, B), _, _ in scaled], [w * s for _, w, s in scaled])
+    elif combination_type == "linear":
+        A, B = combine_linear([(A, B) for (A, B), _, _ in scaled], [w * s for _, w, s in scaled])
+    else:
+        deltas = [B @ A for (A, B), _, _ in scaled]
+        A, B = combine_svd(deltas, [w * s for _, w, s in scaled], rank=new_A.shape[0], clamp=svd_clamp)
+    new_A.zero_()
+    new_B.zero_()
+    new_A.view(new_A.shape[0], -1)[: A.shape[0]] = A.to(new_A.dtype)
+    new_B.view(new_B.shape[0], -1)[:, : B.shape[1]] = B.to(new_B.dtype)
+
+
+def _new_lora_layer(base: nn.Module, target: nn.Module, target_name: str, config: LoraConfig) -> LoraLayer:
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(base, nn.Linear):
+        if config.fan_in_fan_out:
+            warnings.warn(
+                f"fan_in_fan_out=True but {target_name} is nn.Linear (weight stored out × in); using False.",
+                stacklevel=4,
+            )
+        return Linear(target, fan_in_fan_out=False)
+    if isinstance(base, Conv1D):
+        return Linear(target, fan_in_fan_out=True)
+    if isinstance(base, nn.Embedding):
+        return Embedding(target)
+    if isinstance(base, nn.Conv2d):
+        return Conv2d(target)
+    raise TypeError(
+        f"LoRA cannot wrap {target_name} ({type(base).__name__}); supported layers are torch.nn.Linear, "
+        f"transformers Conv1D, torch.nn.Embedding and torch.nn.Conv2d. Narrow target_modules."
+    )
+
+
+register_method(PeftType.LORA, LoraConfig, LoraModel)

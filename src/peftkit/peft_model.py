@@ -1,0 +1,275 @@
+"""``PeftModel``: the user-facing wrapper, with HF PEFT's names.
+
+``get_peft_model(model, config)`` wraps a transformers (or any torch) model; the task subclass is chosen by
+``config.task_type``. The wrapper delegates to a method's :class:`~peftkit.tuner.BaseTuner`
+(``self.base_model``), which holds the original model as ``self.base_model.model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+from torch import nn
+
+from peftkit.checkpoint import (
+    get_peft_model_state_dict,
+    load_adapter_weights,
+    save_adapter_weights,
+    set_peft_model_state_dict,
+    validate_adapter_name,
+)
+from peftkit.config import PeftConfig, TaskType
+from peftkit.registry import get_method
+from peftkit.tuner import BaseTuner, count_parameters
+
+
+class PeftModel(nn.Module):
+    """A base model with one or more named adapters.
+
+    Args:
+        model: the base model (its parameters are frozen).
+        peft_config: the first adapter's config.
+        adapter_name: the first adapter's name (``"default"``).
+    """
+
+    #: modules trained in full and saved by default for this task (the classification head).
+    default_modules_to_save: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any):
+        super().__init__()
+        if isinstance(model, PeftModel):
+            raise TypeError("The model is already a PeftModel; use model.add_adapter(name, config) instead.")
+        validate_adapter_name(adapter_name, model)
+        try:
+            spec = get_method(str(peft_config.peft_type))
+        except KeyError:
+            raise ValueError(f"peft_type {peft_config.peft_type!r} is not a registered method.") from None
+        self.base_model: BaseTuner = spec.tuner_cls(
+            model,
+            {adapter_name: peft_config},
+            adapter_name,
+            default_modules_to_save=self.default_modules_to_save,
+        )
+
+    # ------------------------------------------------------------------------------- delegation
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str:
+        return self.base_model.active_adapters[0]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.base_model.active_adapters)
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapter]
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward; ``adapter_names`` (one per row, ``"__base__"`` for none) runs each
+        row of the batch through its own adapter."""
+        with self.base_model.batch_adapter_names(adapter_names):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        with self.base_model.batch_adapter_names(adapter_names):
+            return self.base_model.model.generate(*args, **kwargs)
+
+    # ---------------------------------------------------------------------- adapter management
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, **_: Any) -> None:
+        """Add an adapter (not activated: call :meth:`set_adapter`). Nothing changes on error."""
+        validate_adapter_name(adapter_name, self.get_base_model())
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name.")
+        current = str(self.active_peft_config.peft_type)
+        if str(peft_config.peft_type) != current:
+            raise ValueError(
+                f"This model's adapters are {current}; a {peft_config.peft_type} adapter cannot be added to it."
+            )
+        self.peft_config[adapter_name] = peft_config
+        try:
+            self.base_model.inject_adapter(adapter_name)
+        except BaseException:
+            del self.peft_config[adapter_name]
+            raise
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """``with model.disable_adapter():`` runs the exact base model; the previous state returns."""
+        with self.base_model.adapters_disabled():
+            yield
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return count_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: Sequence[str] | None = None,
+        is_main_process: bool = True,
+        **_: Any,
+    ) -> None:
+        """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``; the
+        ``"default"`` adapter in ``save_directory``, others in ``save_directory/<name>/``."""
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory.")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapters {unknown}; this model has {list(self.peft_config)}.")
+        if not is_main_process:
+            return
+        for name in names:
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            config = self.peft_config[name]
+            save_adapter_weights(get_peft_model_state_dict(self, name), folder, safe_serialization)
+            config.save_pretrained(folder, **self._saved_config_fields(config))
+
+    def _saved_config_fields(self, config: PeftConfig) -> dict[str, Any]:
+        """Values recorded in the saved config (the in-memory config is left as the user made it)."""
+        fields: dict[str, Any] = {"inference_mode": True}
+        if config.base_model_name_or_path is None:
+            base = self.get_base_model()
+            name = getattr(base, "name_or_path", None) or getattr(
+                getattr(base, "config", None), "_name_or_path", None
+            )
+            fields["base_model_name_or_path"] = name or None
+        if self.default_modules_to_save and hasattr(config, "modules_to_save"):
+            saved = list(config.modules_to_save or [])
+            fields["modules_to_save"] = saved + [m for m in self.default_modules_to_save if m not in saved]
+        return fields
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Wrap ``model`` and load the adapter saved in ``model_id`` (a folder, or a hub id).
+
+        Raises:
+            ValueError: the checkpoint does not fit the model (keys and shapes are named); the base model
+                is left as it was.
+        """
+        model_id = os.fspath(model_id)
+        subfolder = kwargs.pop("subfolder", None)
+        folder = os.path.join(model_id, subfolder) if subfolder else model_id
+        if config is None:
+            config = PeftConfig.from_pretrained(model_id, subfolder=subfolder)
+        config = config.replace(inference_mode=not is_trainable)
+        if cls is PeftModel:
+            cls = TASK_TO_PEFT_MODEL.get(str(config.task_type), PeftModel)  # type: ignore[assignment]
+        peft_model = cls(model, config, adapter_name)
+        try:
+            set_peft_model_state_dict(peft_model, load_adapter_weights(folder), adapter_name)
+        except BaseException:
+            peft_model.base_model.remove_all_adapters()
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
+    ) -> None:
+        """Load a saved adapter under ``adapter_name`` (not activated). Nothing changes on error."""
+        model_id = os.fspath(model_id)
+        subfolder = kwargs.pop("subfolder", None)
+        folder = os.path.join(model_id, subfolder) if subfolder else model_id
+        config = PeftConfig.from_pretrained(model_id, subfolder=subfolder).replace(
+            inference_mode=not is_trainable
+        )
+        weights = load_adapter_weights(folder)  # read (and check) the file before touching the model
+        self.add_adapter(adapter_name, config)
+        try:
+            set_peft_model_state_dict(self, weights, adapter_name)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+
+
+class PeftModelForCausalLM(PeftModel):
+    pass
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    pass
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    default_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForTokenClassification(PeftModel):
+    default_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    default_modules_to_save = ("qa_outputs",)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    pass
+
+
+TASK_TO_PEFT_MODEL: dict[str, type[PeftModel]] = {
+    TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS.value: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(
+    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any
+) -> PeftModel:
+    """Wrap ``model`` with a new adapter described by ``peft_config`` (HF PEFT's entry point).
+
+    The base model's parameters are frozen; only the adapter (and ``modules_to_save``) train. On error
+    (e.g. ``target_modules`` matching nothing) the model is left unchanged.
+    """
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(
+            f"peft_config must be a PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}."
+        )
+    cls = TASK_TO_PEFT_MODEL.get(str(peft_config.task_type), PeftModel)
+    return cls(model, peft_config, adapter_name, **kwargs)

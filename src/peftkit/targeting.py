@@ -1,0 +1,199 @@
+"""Which modules of a model an adapter attaches to.
+
+The rules are HF PEFT's, so one ``adapter_config.json`` selects the same modules in both libraries:
+
+* ``target_modules`` as a **list**: a module matches when its full name equals an entry or ends with
+  ``"." + entry`` (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``);
+* as a **string**: a regular expression that must match the full name (``re.fullmatch``);
+* ``"all-linear"``: every ``nn.Linear`` / GPT-2 ``Conv1D`` except the output head (``lm_head``) and, for
+  sequence classification, the classifier;
+* ``exclude_modules`` (same list / regex forms) removes matches;
+* ``layers_to_transform`` (+ ``layers_pattern``) keeps only modules inside the given layer indices;
+* with no ``target_modules`` the architecture's default (:data:`DEFAULT_TARGET_MODULES`) is used.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import nn
+
+ALL_LINEAR = "all-linear"
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+
+# Default targets per ``model.config.model_type`` (the attention query/value projections, as in the
+# LoRA paper), matching HF PEFT's table so configs without target_modules behave the same.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "stablelm": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "opt": ["q_proj", "v_proj"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+}
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _layer_index_ok(key: str, layers_to_transform: int | Sequence[int] | None, layers_pattern: Any) -> bool:
+    if layers_to_transform is None or (
+        isinstance(layers_to_transform, (list, tuple)) and not layers_to_transform
+    ):
+        return True
+    if not layers_pattern:
+        match = re.match(r".*\.[^.]*\.(\d+)\.", key)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        match = None
+        for pattern in patterns:
+            match = re.match(rf".*\.{pattern}\.(\d+)\.", key)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match.group(1))
+    if isinstance(layers_to_transform, int):
+        return index == layers_to_transform
+    return index in layers_to_transform
+
+
+def name_matches(key: str, patterns: str | Iterable[str]) -> bool:
+    """HF PEFT's rule: a string is a full-match regex; a list matches exactly or as a dotted suffix."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, key) is not None
+    patterns = list(patterns)
+    return key in patterns or any(key.endswith(f".{p}") for p in patterns)
+
+
+def resolve_target_modules(model: nn.Module, config: Any) -> str | list[str]:
+    """The effective ``target_modules`` for ``model``: the config's, the architecture default, or the
+    expansion of ``"all-linear"`` into full module names. The config is not modified."""
+    targets = getattr(config, "target_modules", None)
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise ValueError(
+                f"target_modules is not set and peftkit has no default for model_type {model_type!r}. "
+                f"Pass target_modules explicitly, e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'."
+            )
+        return list(DEFAULT_TARGET_MODULES[model_type])
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        return _all_linear_names(model, getattr(config, "task_type", None))
+    if isinstance(targets, str):
+        return targets
+    return list(targets)
+
+
+def _all_linear_names(model: nn.Module, task_type: Any) -> list[str]:
+    from peftkit.layer import AdapterLayer
+
+    excluded: set[str] = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    output_head = get_output() if callable(get_output) else None
+    if output_head is not None:
+        excluded |= {name for name, module in model.named_modules() if module is output_head}
+    elif str(task_type) == "SEQ_CLS":
+        for head_name in SEQ_CLS_HEAD_NAMES:
+            head = getattr(model, head_name, None)
+            if head is not None:
+                excluded |= {name for name, module in model.named_modules() if module is head}
+                break
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            # an already-wrapped linear layer stays a target; its adapter sub-modules never are
+            if _is_linear(module.get_base_layer()):
+                names.append(name)
+            excluded |= {f"{name}.{sub}" for sub, _ in module.named_modules() if sub}
+        elif _is_linear(module):
+            names.append(name)
+    return [n for n in names if n not in excluded]
+
+
+def find_target_names(model: nn.Module, config: Any) -> list[str]:
+    """Full names of the modules ``config`` selects in ``model``.
+
+    Raises:
+        ValueError: when nothing matches; the message names the patterns and the closest module names.
+    """
+    targets = resolve_target_modules(model, config)
+    exclude = getattr(config, "exclude_modules", None)
+    layers_to_transform = getattr(config, "layers_to_transform", None)
+    layers_pattern = getattr(config, "layers_pattern", None)
+    from peftkit.layer import AdapterLayer
+
+    adapter_internal: set[str] = set()
+    matched = []
+    for name, module in model.named_modules():
+        if not name or name in adapter_internal:
+            continue
+        if isinstance(module, AdapterLayer):
+            adapter_internal |= {f"{name}.{sub}" for sub, _ in module.named_modules() if sub}
+        if not name_matches(name, targets):
+            continue
+        if exclude and name_matches(name, exclude):
+            continue
+        if not isinstance(targets, str) and name not in targets:
+            if not _layer_index_ok(name, layers_to_transform, layers_pattern):
+                continue
+        matched.append(name)
+    if not matched:
+        raise ValueError(_no_match_message(model, targets, exclude, layers_to_transform))
+    return matched
+
+
+def _no_match_message(model: nn.Module, targets: Any, exclude: Any, layers_to_transform: Any) -> str:
+    names = [n for n, _ in model.named_modules() if n]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    close: list[str] = []
+    for pattern in wanted:
+        close += difflib.get_close_matches(str(pattern).rsplit(".", 1)[-1], leaves, n=3, cutoff=0.5)
+    linear_leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _is_linear(m)})
+    lines = [f"target_modules={targets!r} matched no module of {type(model).__name__}."]
+    if exclude:
+        lines.append(
+            f"(exclude_modules={exclude!r} and layers_to_transform={layers_to_transform!r} also apply.)"
+        )
+    if close:
+        lines.append(f"Closest module names: {', '.join(dict.fromkeys(close))}.")
+    lines.append(f"Linear layers in this model: {', '.join(linear_leaves) or 'none'}.")
+    lines.append("Use names from that list (a dotted suffix matches), a regex string, or 'all-linear'.")
+    return " ".join(lines)
+
+
+def per_module_value(key: str, pattern: dict[str, Any], default: Any) -> Any:
+    """``rank_pattern`` / ``alpha_pattern`` lookup: the first pattern (a regex searched as a dotted
+    suffix of ``key``, as HF PEFT does) that matches gives the value, else ``default``."""
+    for pat, value in pattern.items():
+        if re.match(rf"(.*\.)?({pat})$", key):
+            return value
+    return default

@@ -1,0 +1,320 @@
+"""The generic tuner: injects a method's layers into a model and manages named adapters.
+
+``PeftModel.base_model`` is a :class:`BaseTuner` subclass registered by a method (e.g. ``LoraModel``); it
+holds the transformers model as ``self.model``, so parameter names read
+``base_model.model.<module path>.<adapter attr>.<adapter name>.weight`` exactly as in HF PEFT.
+
+A method supplies :meth:`BaseTuner.create_or_update_layer` (how to wrap one matched module) and may add
+:meth:`BaseTuner.extra_adapter_parameters` (parameters outside its layers that an adapter trains, such as
+LoRA's ``bias="all"``). Everything else (matching, trainability, deletion, merging, unloading, the
+state-dict map used by checkpoints) is here and works from the layers' own declarations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.config import PeftConfig
+from peftkit.layer import AdapterLayer, ModulesToSaveWrapper
+from peftkit.targeting import find_target_names, name_matches
+
+
+def split_module_name(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
+    """``(parent, attribute name, module)`` for a dotted module name."""
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, child_name, getattr(parent, child_name)
+
+
+class BaseTuner(nn.Module):
+    """Method-independent adapter injection and management (HF PEFT's ``LoraModel`` & co.)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, PeftConfig],
+        adapter_name: str,
+        default_modules_to_save: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config = peft_config
+        self.active_adapters: list[str] = [adapter_name]
+        self.default_modules_to_save = list(default_modules_to_save)
+        self.targeted_module_names: dict[str, list[str]] = {}
+        # restored if the first injection fails or the adapters are removed again
+        self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        try:
+            self.inject_adapter(adapter_name)
+        except BaseException:
+            self._restore_requires_grad()
+            raise
+
+    def _restore_requires_grad(self) -> None:
+        for name, param in self.model.named_parameters():
+            if name in self._requires_grad_before:
+                param.requires_grad_(self._requires_grad_before[name])
+
+    def remove_all_adapters(self) -> None:
+        """Undo the wrapping entirely (no merge): the base model is as it was before injection."""
+        for name in list(self.peft_config):
+            self._remove_adapter_modules(name)
+        self._restore_requires_grad()
+
+    # ------------------------------------------------------------------------------ method hooks
+    def create_or_update_layer(
+        self, target: nn.Module, target_name: str, config: PeftConfig, adapter_name: str
+    ) -> nn.Module | None:
+        """Add adapter ``adapter_name`` at ``target``: return a new wrapping module, or ``None`` after
+        adding the adapter in place to an existing wrapper of this method."""
+        raise NotImplementedError
+
+    def extra_adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """Parameters outside the adapter layers that this adapter trains and saves, keyed by their name
+        in ``self.model``."""
+        return {}
+
+    # ------------------------------------------------------------------------------- plumbing
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    def adapter_layers(self) -> list[tuple[str, AdapterLayer]]:
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, AdapterLayer)]
+
+    def save_wrappers(self) -> list[tuple[str, ModulesToSaveWrapper]]:
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+
+    # ------------------------------------------------------------------------------- injection
+    def inject_adapter(self, adapter_name: str) -> None:
+        """Wrap every module the adapter's config selects; on any error, undo everything."""
+        config = self.peft_config[adapter_name]
+        try:
+            names = find_target_names(self.model, config)
+            for name in names:
+                parent, child_name, target = split_module_name(self.model, name)
+                new_module = self.create_or_update_layer(target, name, config, adapter_name)
+                if new_module is not None:
+                    setattr(parent, child_name, new_module)
+            self._wrap_modules_to_save(adapter_name, config)
+            self.targeted_module_names[adapter_name] = names
+        except BaseException:
+            self._remove_adapter_modules(adapter_name)
+            raise
+        self.set_adapter(self.active_adapters)
+
+    def _wrap_modules_to_save(self, adapter_name: str, config: PeftConfig) -> None:
+        requested = list(getattr(config, "modules_to_save", None) or [])
+        patterns = requested + [d for d in self.default_modules_to_save if d not in requested]
+        if not patterns:
+            return
+        found: set[str] = set()
+        wrapped_ids = {id(m.original_module) for _, m in self.save_wrappers()}
+        for name, module in list(self.model.named_modules()):
+            if not name or id(module) in wrapped_ids:
+                continue
+            hit = [p for p in patterns if name_matches(name, [p])]
+            if not hit or isinstance(module, AdapterLayer):
+                continue
+            if ".modules_to_save." in f".{name}." or ".original_module." in f".{name}.":
+                continue
+            found.update(hit)
+            parent, child_name, _ = split_module_name(self.model, name)
+            wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+            if wrapper is not module:
+                setattr(parent, child_name, wrapper)
+            wrapper.add_adapter(adapter_name)
+        # also the case of a module already wrapped by an earlier adapter
+        for name, wrapper in self.save_wrappers():
+            hit = [p for p in patterns if name_matches(name, [p])]
+            if hit and adapter_name not in wrapper.modules_to_save:
+                wrapper.add_adapter(adapter_name)
+            found.update(hit)
+        missing = [p for p in requested if p not in found]
+        if missing:
+            raise ValueError(
+                f"modules_to_save entries {missing} match no module of the model. Use module names as "
+                f"printed by model.named_modules() (a dotted suffix such as 'classifier' matches)."
+            )
+
+    # ---------------------------------------------------------------------- activity & training
+    def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
+        """Make ``adapter_names`` the active adapters (outputs of several are summed)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown or not names:
+            raise ValueError(
+                f"Unknown adapter(s) {unknown or names}; this model has {list(self.peft_config)}."
+            )
+        for _, wrapper in self.save_wrappers():
+            wrapper.set_adapter(names)  # may raise before anything changes elsewhere
+        for _, layer in self.adapter_layers():
+            layer.set_adapter(names)
+        self.active_adapters = names
+        self._update_requires_grad()
+
+    def _update_requires_grad(self) -> None:
+        for name in self.peft_config:
+            trainable = name in self.active_adapters and not self.peft_config[name].inference_mode
+            for param in self.adapter_parameter_map(name).values():
+                param.requires_grad_(trainable)
+
+    def adapter_parameter_map(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """Every parameter adapter ``adapter_name`` owns, keyed by its on-disk name relative to
+        ``self.model`` (the adapter name left out, as in HF PEFT's files)."""
+        params: dict[str, nn.Parameter] = {}
+        for path, layer in self.adapter_layers():
+            for local, param in layer.adapter_parameters(adapter_name).items():
+                params[f"{path}.{local}"] = param
+        for path, wrapper in self.save_wrappers():
+            for local, param in wrapper.adapter_parameters(adapter_name).items():
+                params[f"{path}.{local}"] = param
+        params.update(self.extra_adapter_parameters(adapter_name))
+        return params
+
+    # ---------------------------------------------------------------------------------- deletion
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"No adapter named {adapter_name!r}; this model has {list(self.peft_config)}.")
+        self._remove_adapter_modules(adapter_name)
+        del self.peft_config[adapter_name]
+        self.targeted_module_names.pop(adapter_name, None)
+        remaining = [n for n in self.active_adapters if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.active_adapters = remaining
+        if remaining:
+            self.set_adapter(remaining)
+
+    def _remove_adapter_modules(self, adapter_name: str) -> None:
+        """Delete the adapter from every layer; a layer left with no adapter is replaced by its base."""
+        for name, layer in reversed(self.adapter_layers()):
+            layer.delete_adapter(adapter_name)
+            if not layer.adapter_names:
+                parent, child_name, _ = split_module_name(self.model, name)
+                setattr(parent, child_name, layer.base_layer)
+        for name, wrapper in reversed(self.save_wrappers()):
+            wrapper.delete_adapter(adapter_name)
+            if not wrapper.adapter_names:
+                parent, child_name, _ = split_module_name(self.model, name)
+                setattr(parent, child_name, wrapper.original_module)
+
+    # ------------------------------------------------------------------------------ enable/disable
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Every adapter off (merged ones are unmerged for the duration); the previous state returns."""
+        layers = self.adapter_layers()
+        wrappers = self.save_wrappers()
+        merged = [(layer, list(layer.merged_adapters)) for _, layer in layers if layer.merged]
+        for layer, _ in merged:
+            layer.unmerge()
+        previous = [(m, m.disable_adapters) for _, m in layers] + [
+            (m, m.disable_adapters) for _, m in wrappers
+        ]
+        try:
+            for module, _ in previous:
+                module.disable_adapters = True
+            yield
+        finally:
+            for module, state in previous:
+                module.disable_adapters = state
+            for layer, names in merged:
+                layer.merge(adapter_names=names)
+
+    # ---------------------------------------------------------------------------------- merging
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters into the base weights; with ``safe_merge`` a NaN/inf result changes nothing."""
+        done: list[AdapterLayer] = []
+        try:
+            for _, layer in self.adapter_layers():
+                before = len(layer.merged_adapters)
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                if len(layer.merged_adapters) > before:
+                    done.append(layer)
+        except BaseException:
+            for layer in done:
+                layer.unmerge()
+            raise
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
+        """Merge the active (or given) adapters and return the plain base model."""
+        self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter layer without merging (merged weights stay) and return the base model.
+        A ``modules_to_save`` wrapper is replaced by the active adapter's trained copy."""
+        for name, layer in reversed(self.adapter_layers()):
+            parent, child_name, _ = split_module_name(self.model, name)
+            setattr(parent, child_name, layer.get_base_layer())
+        for name, wrapper in reversed(self.save_wrappers()):
+            parent, child_name, _ = split_module_name(self.model, name)
+            active = wrapper.active_adapter
+            kept = wrapper.modules_to_save[active] if active is not None else wrapper.original_module
+            setattr(parent, child_name, kept)
+        return self.model
+
+    # ---------------------------------------------------------------------------- mixed batches
+    @contextlib.contextmanager
+    def batch_adapter_names(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
+        """Route each batch row through its own adapter (``"__base__"`` for none) inside the block."""
+        if adapter_names is None:
+            yield
+            return
+        known = set(self.peft_config) | {"__base__"}
+        unknown = sorted({n for n in adapter_names if n not in known})
+        if unknown:
+            raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {sorted(known)}.")
+        layers = [m for _, m in self.adapter_layers()] + [m for _, m in self.save_wrappers()]
+        if any(isinstance(m, AdapterLayer) and m.merged for m in layers):
+            raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
+        for module in layers:
+            module.batch_adapter_names = list(adapter_names)
+        try:
+            yield
+        finally:
+            for module in layers:
+                module.batch_adapter_names = None
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, all)`` parameter counts as HF PEFT computes them (4-bit packed weights counted
+    at their unpacked size)."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            itemsize = getattr(getattr(param, "quant_storage", None), "itemsize", 1)
+            n = n * 2 * itemsize
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def state_dict_of(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {k: p.detach() for k, p in params.items()}
