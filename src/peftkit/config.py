@@ -14,7 +14,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from peftkit.io_utils import atomic_write_text
 
@@ -89,6 +89,10 @@ class PeftConfig:
     revision: str | None = None
     inference_mode: bool = False
 
+    #: keys HF PEFT writes that this config does not have, with the HF default meaning "feature unused";
+    #: they are dropped silently when they hold that value.
+    foreign_defaults: ClassVar[dict[str, Any]] = {}
+
     def __post_init__(self) -> None:
         if self.task_type is not None:
             try:
@@ -162,7 +166,13 @@ class PeftConfig:
         unknown = sorted(k for k in data if k not in known and k != "peft_type")
         # Book-keeping keys HF PEFT writes that carry no setting for peftkit.
         silent = {"peft_version", "auto_mapping"}
-        reported = [k for k in unknown if k not in silent and data[k] not in (None, {}, [], False)]
+        reported = [
+            k
+            for k in unknown
+            if k not in silent
+            and data[k] not in (None, {}, [], False)
+            and data[k] != target_cls.foreign_defaults.get(k, object())
+        ]
         if reported:
             warnings.warn(
                 f"Ignoring adapter config keys that {target_cls.__name__} does not know: "

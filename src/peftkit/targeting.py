@@ -161,9 +161,9 @@ def find_target_names(model: nn.Module, config: Any) -> list[str]:
             continue
         if exclude and name_matches(name, exclude):
             continue
-        if not isinstance(targets, str) and name not in targets:
-            if not _layer_index_ok(name, layers_to_transform, layers_pattern):
-                continue
+        uses_layer_filter = not isinstance(targets, str) and name not in targets
+        if uses_layer_filter and not _layer_index_ok(name, layers_to_transform, layers_pattern):
+            continue
         matched.append(name)
     if not matched:
         raise ValueError(_no_match_message(model, targets, exclude, layers_to_transform))

@@ -34,6 +34,9 @@ def split_module_name(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.M
 class BaseTuner(nn.Module):
     """Method-independent adapter injection and management (HF PEFT's ``LoraModel`` & co.)."""
 
+    #: the method's layer wrapper class; its declared containers name the adapter tensors on disk.
+    layer_cls: type[AdapterLayer] = AdapterLayer
+
     def __init__(
         self,
         model: nn.Module,

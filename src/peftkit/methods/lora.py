@@ -28,7 +28,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,8 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
+
+    foreign_defaults: ClassVar[dict[str, Any]] = {"megatron_core": "megatron.core", "qalora_group_size": 16}
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.LORA
@@ -403,6 +405,8 @@ class Conv2d(LoraLayer):
 
 class LoraModel(BaseTuner):
     """Injects LoRA layers; adds LoRA's ``bias`` handling and :meth:`add_weighted_adapter`."""
+
+    layer_cls = LoraLayer
 
     def create_or_update_layer(
         self, target: nn.Module, target_name: str, config: PeftConfig, adapter_name: str
