@@ -28,7 +28,7 @@ _ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 RESERVED_ADAPTER_NAMES = {"__base__"}
 
 
-def validate_adapter_name(adapter_name: Any, model: nn.Module) -> None:
+def validate_adapter_name(adapter_name: Any, model: nn.Module, existing: Any = ()) -> None:
     """Reject names that could escape the save folder or be confused with the model's own names.
 
     Raises:
@@ -44,7 +44,7 @@ def validate_adapter_name(adapter_name: Any, model: nn.Module) -> None:
         raise ValueError(f"{adapter_name!r} is reserved (it means 'no adapter' in mixed batches).")
     segments = {seg for name, _ in model.named_parameters() for seg in name.split(".")}
     segments |= {seg for name, _ in model.named_modules() for seg in name.split(".") if name}
-    if adapter_name in segments:
+    if adapter_name in segments - set(existing):
         raise ValueError(
             f"Adapter name {adapter_name!r} is also the name of a module or parameter in the model; "
             f"parameter names would become ambiguous. Pick another name."

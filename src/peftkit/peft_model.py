@@ -23,6 +23,7 @@ from peftkit.checkpoint import (
 )
 from peftkit.config import PeftConfig, TaskType
 from peftkit.registry import get_method
+from peftkit.targeting import name_matches
 from peftkit.tuner import BaseTuner, count_parameters
 
 
@@ -95,9 +96,9 @@ class PeftModel(nn.Module):
     # ---------------------------------------------------------------------- adapter management
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, **_: Any) -> None:
         """Add an adapter (not activated: call :meth:`set_adapter`). Nothing changes on error."""
-        validate_adapter_name(adapter_name, self.get_base_model())
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name.")
+        validate_adapter_name(adapter_name, self.get_base_model(), existing=self.peft_config)
         current = str(self.active_peft_config.peft_type)
         if str(peft_config.peft_type) != current:
             raise ValueError(
@@ -156,10 +157,11 @@ class PeftModel(nn.Module):
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             config = self.peft_config[name]
             save_adapter_weights(get_peft_model_state_dict(self, name), folder, safe_serialization)
-            config.save_pretrained(folder, **self._saved_config_fields(config))
+            config.save_pretrained(folder, **self._saved_config_fields(name))
 
-    def _saved_config_fields(self, config: PeftConfig) -> dict[str, Any]:
+    def _saved_config_fields(self, adapter_name: str) -> dict[str, Any]:
         """Values recorded in the saved config (the in-memory config is left as the user made it)."""
+        config = self.peft_config[adapter_name]
         fields: dict[str, Any] = {"inference_mode": True}
         if config.base_model_name_or_path is None:
             base = self.get_base_model()
@@ -168,8 +170,11 @@ class PeftModel(nn.Module):
             )
             fields["base_model_name_or_path"] = name or None
         if self.default_modules_to_save and hasattr(config, "modules_to_save"):
+            # record the task's default heads that this model has, so the file says what it holds
             saved = list(config.modules_to_save or [])
-            fields["modules_to_save"] = saved + [m for m in self.default_modules_to_save if m not in saved]
+            wrapped = [p for p, w in self.base_model.save_wrappers() if adapter_name in w.modules_to_save]
+            present = [d for d in self.default_modules_to_save if any(name_matches(p, [d]) for p in wrapped)]
+            fields["modules_to_save"] = saved + [d for d in present if d not in saved]
         return fields
 
     @classmethod

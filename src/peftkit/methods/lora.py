@@ -440,7 +440,10 @@ class LoraModel(BaseTuner):
         return {
             name: param
             for name, param in self.model.named_parameters()
-            if name.rsplit(".", 1)[-1] == "bias" and ".modules_to_save." not in name
+            # the copies in a modules_to_save wrapper belong to that wrapper; its original is unused
+            if name.rsplit(".", 1)[-1] == "bias"
+            and ".modules_to_save." not in name
+            and ".original_module." not in name
         }
 
     def add_weighted_adapter(

@@ -1,0 +1,253 @@
+"""Conformance suite: generic promises every registered method keeps, run over a table of cases.
+
+A new method joins by adding its cases to ``CASES``; ``test_every_registered_method_has_a_case`` fails
+until it does. Each case builds a tiny model from a seeded config, so "a freshly initialised base" is
+the same builder called again.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+import peftkit
+from peftkit import AdapterLayer, LoraConfig, ModulesToSaveWrapper, PeftModel, get_peft_model
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)).eval()
+
+
+def tiny_bert_cls(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+@dataclass
+class Case:
+    """One method on one model."""
+
+    id: str
+    peft_type: str
+    build_model: Callable[[int], nn.Module]
+    config: Callable[[], peftkit.PeftConfig]
+    identity_at_init: bool = True  # the method promises an unchanged output right after creation
+    mergeable: bool = True
+    # the adapter lives only in its own parameters (not so for bias="all", which trains base biases in
+    # place, or PiSSA, which moves the principal part of W into the adapter at creation)
+    base_untouched: bool = True
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+def _ids(vocab: int = 100) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(123)
+    return {"input_ids": torch.randint(0, vocab, (3, 9), generator=generator)}
+
+
+CASES = [
+    Case("lora-llama", "LORA", tiny_llama, lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj"])),
+    Case("lora-llama-all-linear", "LORA", tiny_llama, lambda: LoraConfig(r=4, target_modules="all-linear")),
+    Case(
+        "lora-rslora-dropout", "LORA", tiny_llama, lambda: LoraConfig(r=4, use_rslora=True, lora_dropout=0.1)
+    ),
+    Case(
+        "dora-llama", "LORA", tiny_llama, lambda: LoraConfig(r=4, use_dora=True, target_modules="all-linear")
+    ),
+    Case("lora-gpt2-conv1d", "LORA", tiny_gpt2, lambda: LoraConfig(r=4, target_modules=["c_attn", "c_fc"])),
+    Case("dora-gpt2-conv1d", "LORA", tiny_gpt2, lambda: LoraConfig(r=4, use_dora=True)),
+    Case(
+        "lora-embedding",
+        "LORA",
+        tiny_llama,
+        lambda: LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]),
+    ),
+    Case(
+        "lora-bias-all",
+        "LORA",
+        tiny_bert_cls,
+        lambda: LoraConfig(r=4, bias="all", task_type="SEQ_CLS"),
+        base_untouched=False,
+    ),
+    Case("lora-bert-seq-cls", "LORA", tiny_bert_cls, lambda: LoraConfig(r=4, task_type="SEQ_CLS")),
+    Case(
+        "lora-pissa",
+        "LORA",
+        tiny_llama,
+        lambda: LoraConfig(r=4, init_lora_weights="pissa", target_modules=["q_proj", "o_proj"]),
+        base_untouched=False,
+    ),
+]
+
+
+def _output(model: nn.Module, case: Case) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**_ids()).logits
+
+
+def _train(model: nn.Module, case: Case, steps: int = 3) -> None:
+    """A few AdamW steps on a loss that every output position feeds (B starts at zero, so A only moves
+    from the second step on)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        logits = model(**_ids()).logits
+        loss = (logits.float() ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def _adapter_param_names(model: PeftModel) -> set[str]:
+    declared = set()
+    for _, param in model.base_model.adapter_parameter_map("default").items():
+        declared.add(id(param))
+    return {name for name, param in model.named_parameters() if id(param) in declared}
+
+
+@pytest.fixture(params=CASES, ids=lambda c: c.id)
+def case(request: pytest.FixtureRequest) -> Case:
+    return request.param
+
+
+def test_every_registered_method_has_a_case() -> None:
+    covered = {c.peft_type for c in CASES}
+    missing = set(peftkit.registered_methods()) - covered
+    assert not missing, f"add conformance cases for {sorted(missing)}"
+
+
+def test_fresh_adapter_keeps_output(case: Case) -> None:
+    base = case.build_model(0)
+    expected = _output(base, case)
+    model = get_peft_model(case.build_model(0), case.config())
+    if case.identity_at_init:
+        torch.testing.assert_close(_output(model, case), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_only_adapter_parameters_train_and_all_of_them_change(case: Case) -> None:
+    model = get_peft_model(case.build_model(0), case.config())
+    declared = _adapter_param_names(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == declared
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train(model, case)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == declared, (
+        f"unchanged: {sorted(declared - changed)}; extra: {sorted(changed - declared)}"
+    )
+
+
+def test_save_load_round_trip_is_exact(case: Case, tmp_path: Any) -> None:
+    model = get_peft_model(case.build_model(0), case.config())
+    _train(model, case)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(case.build_model(0), tmp_path)
+    assert torch.equal(_output(loaded, case), _output(model, case))
+    original = model.base_model.adapter_parameter_map("default")
+    reloaded = loaded.base_model.adapter_parameter_map("default")
+    assert original.keys() == reloaded.keys()
+    for key in original:
+        assert torch.equal(original[key], reloaded[key]), key
+    assert not any(p.requires_grad for p in loaded.parameters())  # is_trainable=False
+    trainable = PeftModel.from_pretrained(case.build_model(0), tmp_path, is_trainable=True)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == _adapter_param_names(trainable)
+
+
+def test_merge_equals_unmerged_and_unmerge_restores(case: Case) -> None:
+    if not case.mergeable:
+        pytest.skip("method cannot be merged")
+    model = get_peft_model(case.build_model(0), case.config())
+    _train(model, case)
+    weights_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    unmerged = _output(model, case)
+    model.merge_adapter()
+    torch.testing.assert_close(_output(model, case), unmerged, atol=1e-4, rtol=1e-4)
+    with pytest.warns(UserWarning, match="already merged"):
+        model.merge_adapter()
+    torch.testing.assert_close(_output(model, case), unmerged, atol=1e-4, rtol=1e-4)
+    model.unmerge_adapter()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, weights_before[name], atol=1e-5, rtol=1e-5, msg=name)
+    merged_model = copy.deepcopy(model).merge_and_unload()
+    assert not any(isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) for m in merged_model.modules())
+    assert type(merged_model) is type(case.build_model(0))
+    torch.testing.assert_close(_output(merged_model, case), unmerged, atol=1e-4, rtol=1e-4)
+
+
+def test_disable_adapter_gives_base_output(case: Case) -> None:
+    if not case.base_untouched:
+        pytest.skip("the method changes base parameters, so 'disabled' is not the original model")
+    reference = case.build_model(0)
+    model = get_peft_model(case.build_model(0), case.config())
+    _train(model, case)
+    trained = _output(model, case)
+    with model.disable_adapter():
+        torch.testing.assert_close(_output(model, case), _output(reference, case), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(_output(model, case), trained)
+    if case.mergeable:  # a merged model is unmerged inside the block and merged again after it
+        model.merge_adapter()
+        with model.disable_adapter():
+            torch.testing.assert_close(_output(model, case), _output(reference, case), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_output(model, case), trained, atol=1e-4, rtol=1e-4)
+
+
+def test_delete_adapter_removes_every_trace(case: Case) -> None:
+    model = get_peft_model(case.build_model(0), case.config())
+    reference_keys = set(case.build_model(0).state_dict())
+    model.add_adapter("other", case.config())
+    _train(model, case)
+    model.delete_adapter("other")
+    assert "other" not in model.peft_config
+    assert not any("other" in name.split(".") for name, _ in model.named_parameters())
+    model.delete_adapter("default")
+    assert model.peft_config == {}
+    base = model.get_base_model()
+    assert not any(isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) for m in base.modules())
+    if case.base_untouched:
+        assert set(base.state_dict()) == reference_keys
+        torch.testing.assert_close(_output(base, case), _output(case.build_model(0), case))
+
+
+def test_duplicate_adapter_name_raises_and_changes_nothing(case: Case) -> None:
+    model = get_peft_model(case.build_model(0), case.config())
+    _train(model, case)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_adapter("default", case.config())
+    assert [type(m) for m in model.modules()] == modules
+    assert state.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
