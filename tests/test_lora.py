@@ -1,0 +1,304 @@
+"""LoRA against its formulas and against HF PEFT's numbers (training, weighted combination, printing)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import peft
+import pytest
+import torch
+from tiny_models import tiny_llama
+from torch import nn
+
+from peftkit import LoraConfig, PeftModel, get_peft_model
+
+
+class TwoLayer(nn.Module):
+    """A plain torch model (no transformers): the library wraps any nn.Module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 5)
+        self.conv = nn.Conv2d(3, 4, kernel_size=3, padding=1)
+        self.emb = nn.Embedding(10, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def _ids(batch: int = 3, length: int = 7) -> torch.Tensor:
+    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(7))
+
+
+def _randomize(model: nn.Module, seed: int = 1, scale: float = 0.1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+# ------------------------------------------------------------------------------------ formulas
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_linear_forward_is_wx_plus_scaled_bax(use_rslora: bool) -> None:
+    model = get_peft_model(
+        TwoLayer(),
+        LoraConfig(r=3, lora_alpha=6, target_modules=["lin"], init_lora_weights=False, use_rslora=use_rslora),
+    )
+    layer = model.base_model.model.lin
+    x = torch.randn(4, 6)
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    scaling = 6 / math.sqrt(3) if use_rslora else 6 / 3
+    expected = x @ W.T + b + scaling * (x @ A.T @ B.T)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_default_init_is_kaiming_a_and_zero_b() -> None:
+    model = get_peft_model(TwoLayer(), LoraConfig(r=4, target_modules=["lin"]))
+    A = model.base_model.model.lin.lora_A["default"].weight
+    assert torch.count_nonzero(model.base_model.model.lin.lora_B["default"].weight) == 0
+    bound = 1 / math.sqrt(6)  # kaiming_uniform_(a=√5) on fan_in=6
+    assert A.abs().max() <= bound and A.abs().max() > bound / 2
+    gaussian = get_peft_model(
+        TwoLayer(), LoraConfig(r=4, target_modules=["lin"], init_lora_weights="gaussian")
+    )
+    assert torch.count_nonzero(gaussian.base_model.model.lin.lora_B["default"].weight) == 0
+
+
+def test_dora_forward_matches_the_paper_formula() -> None:
+    model = get_peft_model(
+        TwoLayer(), LoraConfig(r=2, target_modules=["lin"], use_dora=True, init_lora_weights=False)
+    )
+    layer = model.base_model.model.lin
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(torch.linspace(0.5, 1.5, 5))
+    x = torch.randn(4, 6)
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m = layer.lora_magnitude_vector["default"].weight
+    adapted = W + layer.scaling["default"] * B @ A
+    expected = x @ (m.view(-1, 1) * adapted / adapted.norm(dim=1, keepdim=True)).T + b
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_dora_magnitude_starts_at_row_norms() -> None:
+    model = get_peft_model(TwoLayer(), LoraConfig(r=2, target_modules=["lin"], use_dora=True))
+    layer = model.base_model.model.lin
+    torch.testing.assert_close(
+        layer.lora_magnitude_vector["default"].weight, layer.base_layer.weight.norm(dim=1)
+    )
+
+
+def test_pissa_takes_the_top_singular_directions_and_keeps_w() -> None:
+    base = TwoLayer()
+    W = base.lin.weight.detach().clone()
+    model = get_peft_model(
+        base, LoraConfig(r=2, lora_alpha=2, target_modules=["lin"], init_lora_weights="pissa")
+    )
+    layer = model.base_model.model.lin
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    principal = B @ A * layer.scaling["default"]
+    U, S, Vh = torch.linalg.svd(W)
+    torch.testing.assert_close(principal, U[:, :2] @ torch.diag(S[:2]) @ Vh[:2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.base_layer.weight + principal, W, atol=1e-5, rtol=1e-5)
+
+
+def test_olora_uses_qr_and_keeps_w() -> None:
+    base = TwoLayer()
+    W = base.lin.weight.detach().clone()
+    model = get_peft_model(
+        base, LoraConfig(r=2, lora_alpha=4, target_modules=["lin"], init_lora_weights="olora")
+    )
+    layer = model.base_model.model.lin
+    B = layer.lora_B["default"].weight
+    torch.testing.assert_close(B.T @ B, torch.eye(2), atol=1e-5, rtol=1e-5)  # orthonormal columns (Q)
+    principal = B @ layer.lora_A["default"].weight * layer.scaling["default"]
+    torch.testing.assert_close(layer.base_layer.weight + principal, W, atol=1e-5, rtol=1e-5)
+
+
+def test_embedding_lora_formula_and_merge() -> None:
+    model = get_peft_model(TwoLayer(), LoraConfig(r=2, target_modules=["emb"], init_lora_weights=False))
+    layer = model.base_model.model.emb
+    ids = torch.tensor([[1, 4, 9], [0, 2, 2]])
+    A, B = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
+    expected = layer.base_layer.weight[ids] + layer.scaling["default"] * (A.T[ids] @ B.T)
+    torch.testing.assert_close(layer(ids), expected)
+    layer.merge()
+    torch.testing.assert_close(layer(ids), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_conv2d_lora_merge_equals_forward() -> None:
+    model = get_peft_model(TwoLayer(), LoraConfig(r=2, target_modules=["conv"], init_lora_weights=False))
+    conv = model.base_model.model.conv
+    x = torch.randn(2, 3, 5, 5)
+    unmerged = conv(x)
+    reference = nn.functional.conv2d(x, conv.base_layer.weight, conv.base_layer.bias, padding=1)
+    lora = conv.lora_B["default"](conv.lora_A["default"](x)) * conv.scaling["default"]
+    torch.testing.assert_close(unmerged, reference + lora)
+    conv.merge()
+    torch.testing.assert_close(conv(x), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_conv2d_checkpoint_loads_in_hf_peft(tmp_path) -> None:
+    model = get_peft_model(TwoLayer(), LoraConfig(r=2, target_modules=["conv"], init_lora_weights=False))
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(TwoLayer(), tmp_path)
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(theirs.base_model.model.conv(x), model.base_model.model.conv(x))
+
+
+# --------------------------------------------------------------------------- several adapters
+def test_active_adapters_sum_their_updates() -> None:
+    model = get_peft_model(TwoLayer(), LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
+    model.add_adapter("second", LoraConfig(r=3, target_modules=["lin"], init_lora_weights=False))
+    x = torch.randn(4, 6)
+    with model.disable_adapter():
+        base = model(x)
+    first = model(x)
+    model.set_adapter("second")
+    second = model(x)
+    model.set_adapter(["default", "second"])
+    assert model.active_adapters == ["default", "second"]
+    torch.testing.assert_close(model(x), base + (first - base) + (second - base))
+
+
+def test_mixed_adapter_batch_rows_equal_single_adapter_outputs() -> None:
+    model = get_peft_model(
+        tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    model.add_adapter("other", LoraConfig(r=2, use_dora=True, init_lora_weights=False))
+    _randomize(model)
+    ids = _ids(batch=4)
+    names = ["default", "__base__", "other", "default"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        per_adapter = {}
+        for name in ("default", "other"):
+            model.set_adapter(name)
+            per_adapter[name] = model(input_ids=ids).logits
+        with model.disable_adapter():
+            per_adapter["__base__"] = model(input_ids=ids).logits
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], per_adapter[name][row], atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_adapter_batch_through_generate() -> None:
+    model = get_peft_model(
+        tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    model.add_adapter("other", LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    _randomize(model, scale=0.5)
+    ids = _ids(batch=2, length=4)
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    mixed = model.generate(input_ids=ids, adapter_names=["other", "default"], **kwargs)
+    model.set_adapter("other")
+    first = model.generate(input_ids=ids[:1], **kwargs)
+    model.set_adapter("default")
+    second = model.generate(input_ids=ids[1:], **kwargs)
+    assert torch.equal(mixed[0], first[0]) and torch.equal(mixed[1], second[0])
+
+
+def test_mixed_batch_rejects_wrong_length_and_unknown_names() -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2))
+    with pytest.raises(ValueError, match="one adapter name"):
+        model(input_ids=_ids(batch=3), adapter_names=["default"])
+    with pytest.raises(ValueError, match="unknown adapters"):
+        model(input_ids=_ids(batch=1), adapter_names=["nope"])
+
+
+# ------------------------------------------------------------------------------ versus HF PEFT
+def _two_adapter_models(tmp_path):
+    """The same two random adapters loaded into peftkit and into HF PEFT."""
+    ours = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    ours.add_adapter("b", LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
+    ours.set_adapter(["default", "b"])
+    _randomize(ours)
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    theirs.load_adapter(tmp_path / "b", "b")
+    return ours, theirs
+
+
+@pytest.mark.parametrize(
+    ("combination", "svd_rank"), [("cat", None), ("linear", None), ("svd", None), ("svd", 3)]
+)
+def test_add_weighted_adapter_matches_hf_peft(tmp_path, combination: str, svd_rank: int | None) -> None:
+    ours, theirs = _two_adapter_models(tmp_path)
+    kwargs = {"svd_rank": svd_rank} if svd_rank else {}
+    ours.add_weighted_adapter(["default", "b"], [0.7, -0.4], "mix", combination_type=combination, **kwargs)
+    theirs.add_weighted_adapter(["default", "b"], [0.7, -0.4], "mix", combination_type=combination, **kwargs)
+    ours.set_adapter("mix")
+    theirs.set_adapter("mix")
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+        )
+
+
+def test_cat_combination_is_the_exact_weighted_sum(tmp_path) -> None:
+    ours, _ = _two_adapter_models(tmp_path)
+    ours.add_weighted_adapter(["default", "b"], [0.7, -0.4], "mix", combination_type="cat")
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    expected = 0.7 * layer.delta_weight("default") - 0.4 * layer.delta_weight("b")
+    torch.testing.assert_close(layer.delta_weight("mix"), expected, atol=1e-6, rtol=1e-6)
+    only_b = ours.base_model.model.model.layers[0].self_attn.o_proj  # only adapter "b" targets o_proj
+    torch.testing.assert_close(
+        only_b.delta_weight("mix"), -0.4 * only_b.delta_weight("b"), atol=1e-6, rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_training_steps_match_hf_peft(use_dora: bool) -> None:
+    """Same init, same data, same optimiser: the adapters stay equal step after step."""
+    config = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "use_dora": use_dora}
+    ours = get_peft_model(tiny_llama(), LoraConfig(**config))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config))
+    theirs.load_state_dict(ours.state_dict())  # same names in memory: copy our random A into theirs
+    models = (ours, theirs)
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in models]
+    for step in range(3):
+        ids = _ids(length=5 + step)
+        for model, optimizer in zip(models, optimizers):
+            model.train()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    theirs_params = dict(theirs.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param, theirs_params[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_print_trainable_parameters_matches_hf_peft(capsys) -> None:
+    config = {"r": 4, "target_modules": ["q_proj", "v_proj", "embed_tokens"], "use_dora": False}
+    get_peft_model(tiny_llama(), LoraConfig(**config)).print_trainable_parameters()
+    ours = capsys.readouterr().out
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config)).print_trainable_parameters()
+    assert ours == capsys.readouterr().out
+    assert ours.startswith("trainable params: ")
+
+
+def test_unload_returns_the_base_without_merging() -> None:
+    reference = tiny_llama()
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, init_lora_weights=False))
+    base = model.unload()
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_from_pretrained_round_trip_with_selected_adapters(tmp_path) -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, init_lora_weights=False))
+    model.add_adapter("extra", LoraConfig(r=2, init_lora_weights=False))
+    model.save_pretrained(tmp_path, selected_adapters=["extra"])
+    assert not (tmp_path / "adapter_config.json").exists()
+    assert (tmp_path / "extra" / "adapter_model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "extra", adapter_name="extra")
+    model.set_adapter("extra")
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert copy.deepcopy(loaded).active_adapter == "extra"
