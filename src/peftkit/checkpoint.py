@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,7 +29,9 @@ _ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 RESERVED_ADAPTER_NAMES = {"__base__"}
 
 
-def validate_adapter_name(adapter_name: Any, model: nn.Module, existing: Any = ()) -> None:
+def validate_adapter_name(
+    adapter_name: Any, model: nn.Module, existing: Any = (), reserved: Iterable[str] = ()
+) -> None:
     """Reject names that could escape the save folder or be confused with the model's own names.
 
     Raises:
@@ -40,8 +43,11 @@ def validate_adapter_name(adapter_name: Any, model: nn.Module, existing: Any = (
             f"Invalid adapter name {adapter_name!r}: use letters, digits, '_' and '-' only (the name becomes "
             f"a folder name and a part of parameter names, so '/', '.', '..' are not allowed)."
         )
-    if adapter_name in RESERVED_ADAPTER_NAMES:
-        raise ValueError(f"{adapter_name!r} is reserved (it means 'no adapter' in mixed batches).")
+    if adapter_name in RESERVED_ADAPTER_NAMES | set(reserved):
+        raise ValueError(
+            f"Adapter name {adapter_name!r} is reserved: it is an attribute of the adapter layers or means "
+            f"'no adapter' in mixed batches. Pick another name."
+        )
     segments = {seg for name, _ in model.named_parameters() for seg in name.split(".")}
     segments |= {seg for name, _ in model.named_modules() for seg in name.split(".") if name}
     if adapter_name in segments - set(existing):

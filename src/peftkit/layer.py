@@ -166,6 +166,8 @@ class AdapterLayer(nn.Module):
         """
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         base = self.get_base_layer()
+        weight = base.weight.data
+        newly_merged = []
         for name in names:
             if name not in self.adapter_names:
                 continue
@@ -174,14 +176,15 @@ class AdapterLayer(nn.Module):
                     f"Adapter {name!r} is already merged; merging it again changes nothing.", stacklevel=3
                 )
                 continue
-            new_weight = self.merge_weight(base.weight.data, name)
-            if safe_merge and not torch.isfinite(new_weight).all():
+            weight = self.merge_weight(weight, name)  # out of place: the base is untouched until the end
+            if safe_merge and not torch.isfinite(weight).all():
                 raise ValueError(
                     f"Merging adapter {name!r} would put NaN or inf into the base weight; the adapter is "
-                    f"broken (check its training). Nothing was merged into this layer."
+                    f"broken (check its training). Nothing was merged."
                 )
-            base.weight.data = new_weight
-            self.merged_adapters.append(name)
+            newly_merged.append(name)
+        base.weight.data = weight
+        self.merged_adapters.extend(newly_merged)
 
     def unmerge(self) -> None:
         base = self.get_base_layer()

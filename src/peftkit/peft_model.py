@@ -22,6 +22,7 @@ from peftkit.checkpoint import (
     validate_adapter_name,
 )
 from peftkit.config import PeftConfig, TaskType
+from peftkit.layer import AdapterLayer
 from peftkit.registry import get_method
 from peftkit.targeting import name_matches
 from peftkit.tuner import BaseTuner, count_parameters
@@ -43,11 +44,11 @@ class PeftModel(nn.Module):
         super().__init__()
         if isinstance(model, PeftModel):
             raise TypeError("The model is already a PeftModel; use model.add_adapter(name, config) instead.")
-        validate_adapter_name(adapter_name, model)
         try:
             spec = get_method(str(peft_config.peft_type))
         except KeyError:
             raise ValueError(f"peft_type {peft_config.peft_type!r} is not a registered method.") from None
+        validate_adapter_name(adapter_name, model, reserved=spec.tuner_cls.reserved_names())
         self.base_model: BaseTuner = spec.tuner_cls(
             model,
             {adapter_name: peft_config},
@@ -98,7 +99,12 @@ class PeftModel(nn.Module):
         """Add an adapter (not activated: call :meth:`set_adapter`). Nothing changes on error."""
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name.")
-        validate_adapter_name(adapter_name, self.get_base_model(), existing=self.peft_config)
+        validate_adapter_name(
+            adapter_name,
+            self.get_base_model(),
+            existing=self.peft_config,
+            reserved=self.base_model.reserved_names(),
+        )
         current = str(self.active_peft_config.peft_type)
         if str(peft_config.peft_type) != current:
             raise ValueError(
@@ -140,10 +146,16 @@ class PeftModel(nn.Module):
         safe_serialization: bool = True,
         selected_adapters: Sequence[str] | None = None,
         is_main_process: bool = True,
+        save_embedding_layers: bool | str = "auto",
         **_: Any,
     ) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``; the
-        ``"default"`` adapter in ``save_directory``, others in ``save_directory/<name>/``."""
+        ``"default"`` adapter in ``save_directory``, others in ``save_directory/<name>/``.
+
+        ``save_embedding_layers`` (HF PEFT's option): also store the base weights of adapted input/output
+        embeddings, so an adapter trained after resizing the vocabulary carries its embeddings. ``"auto"``
+        does so when ``target_modules`` names ``embed_tokens`` or ``lm_head``, as HF PEFT does.
+        """
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory.")
@@ -156,8 +168,34 @@ class PeftModel(nn.Module):
         for name in names:
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             config = self.peft_config[name]
-            save_adapter_weights(get_peft_model_state_dict(self, name), folder, safe_serialization)
+            tensors = get_peft_model_state_dict(self, name)
+            tensors.update(self._embedding_base_weights(name, save_embedding_layers))
+            save_adapter_weights(tensors, folder, safe_serialization)
             config.save_pretrained(folder, **self._saved_config_fields(name))
+
+    def _embedding_base_weights(self, adapter_name: str, save_embedding_layers: bool | str) -> dict[str, Any]:
+        if save_embedding_layers == "auto":
+            targets = getattr(self.peft_config[adapter_name], "target_modules", None)
+            save_embedding_layers = isinstance(targets, list) and bool(
+                {"embed_tokens", "lm_head"} & set(targets)
+            )
+        if not save_embedding_layers:
+            return {}
+        base = self.get_base_model()
+        embeddings = [
+            getattr(base, f)() for f in ("get_input_embeddings", "get_output_embeddings") if hasattr(base, f)
+        ]
+        tensors = {}
+        for path, module in base.named_modules():
+            if (
+                isinstance(module, AdapterLayer)
+                and module in embeddings
+                and adapter_name in module.adapter_names
+            ):
+                tensors[f"base_model.model.{path}.base_layer.weight"] = (
+                    module.get_base_layer().weight.detach()
+                )
+        return tensors
 
     def _saved_config_fields(self, adapter_name: str) -> dict[str, Any]:
         """Values recorded in the saved config (the in-memory config is left as the user made it)."""

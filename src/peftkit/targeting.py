@@ -68,13 +68,14 @@ def _layer_index_ok(key: str, layers_to_transform: int | Sequence[int] | None, l
         isinstance(layers_to_transform, (list, tuple)) and not layers_to_transform
     ):
         return True
+    # lazy ".*?": the first index in the name is the block (T5 nests "block.1.layer.0")
     if not layers_pattern:
-        match = re.match(r".*\.[^.]*\.(\d+)\.", key)
+        match = re.match(r".*?\.[^.]*\.(\d+)\.", key)
     else:
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
         match = None
         for pattern in patterns:
-            match = re.match(rf".*\.{pattern}\.(\d+)\.", key)
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", key)
             if match is not None:
                 break
     if match is None:
@@ -138,8 +139,11 @@ def _all_linear_names(model: nn.Module, task_type: Any) -> list[str]:
     return [n for n in names if n not in excluded]
 
 
-def find_target_names(model: nn.Module, config: Any) -> list[str]:
+def find_target_names(model: nn.Module, config: Any, modules_to_save: Sequence[str] = ()) -> list[str]:
     """Full names of the modules ``config`` selects in ``model``.
+
+    Modules at or under a ``modules_to_save`` entry (the config's and the task's default heads) are
+    never targeted: they are trained in full instead.
 
     Raises:
         ValueError: when nothing matches; the message names the patterns and the closest module names.
@@ -160,6 +164,8 @@ def find_target_names(model: nn.Module, config: Any) -> list[str]:
         if not name_matches(name, targets):
             continue
         if exclude and name_matches(name, exclude):
+            continue
+        if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save):
             continue
         uses_layer_filter = not isinstance(targets, str) and name not in targets
         if uses_layer_filter and not _layer_index_ok(name, layers_to_transform, layers_pattern):

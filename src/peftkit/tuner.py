@@ -96,6 +96,16 @@ class BaseTuner(nn.Module):
                 raise
             return getattr(self.model, name)
 
+    @classmethod
+    def reserved_names(cls) -> set[str]:
+        """Names an adapter may not take: they are attributes of the wrapper modules."""
+        layer = cls.layer_cls
+        return (
+            {"base_layer", "original_module", "modules_to_save"}
+            | set(layer.adapter_param_containers)
+            | set(layer.adapter_settings)
+        )
+
     @property
     def active_adapter(self) -> str | list[str]:
         return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
@@ -111,7 +121,8 @@ class BaseTuner(nn.Module):
         """Wrap every module the adapter's config selects; on any error, undo everything."""
         config = self.peft_config[adapter_name]
         try:
-            names = find_target_names(self.model, config)
+            saved = list(getattr(config, "modules_to_save", None) or []) + self.default_modules_to_save
+            names = find_target_names(self.model, config, modules_to_save=saved)
             for name in names:
                 parent, child_name, target = split_module_name(self.model, name)
                 new_module = self.create_or_update_layer(target, name, config, adapter_name)
@@ -151,7 +162,8 @@ class BaseTuner(nn.Module):
             if hit and adapter_name not in wrapper.modules_to_save:
                 wrapper.add_adapter(adapter_name)
             found.update(hit)
-        missing = [p for p in requested if p not in found]
+        # HF PEFT writes every task default head name (e.g. "classifier" and "score"); those may be absent
+        missing = [p for p in requested if p not in found and p not in self.default_modules_to_save]
         if missing:
             raise ValueError(
                 f"modules_to_save entries {missing} match no module of the model. Use module names as "
@@ -245,16 +257,19 @@ class BaseTuner(nn.Module):
     # ---------------------------------------------------------------------------------- merging
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights; with ``safe_merge`` a NaN/inf result changes nothing."""
-        done: list[AdapterLayer] = []
+        # Merging replaces each base weight tensor (out of place), so keeping the old tensors makes the
+        # rollback exact (no (W + Δ) - Δ rounding) and free.
+        before = [
+            (layer, layer.get_base_layer().weight.data, list(layer.merged_adapters))
+            for _, layer in self.adapter_layers()
+        ]
         try:
-            for _, layer in self.adapter_layers():
-                before = len(layer.merged_adapters)
+            for layer, _, _ in before:
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                if len(layer.merged_adapters) > before:
-                    done.append(layer)
         except BaseException:
-            for layer in done:
-                layer.unmerge()
+            for layer, weight, merged in before:
+                layer.get_base_layer().weight.data = weight
+                layer.merged_adapters = merged
             raise
 
     def unmerge_adapter(self) -> None:

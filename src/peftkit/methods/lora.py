@@ -109,6 +109,13 @@ class LoraConfig(PeftConfig):
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only applies together with layers_to_transform; set both.")
+        if isinstance(self.target_modules, str) and (
+            self.layers_to_transform is not None or self.layers_pattern
+        ):
+            raise ValueError(
+                "layers_to_transform / layers_pattern cannot be combined with a string target_modules (a regex "
+                "or 'all-linear'); put the layer index into the regex, or list module names instead."
+            )
         if isinstance(self.target_modules, (list, tuple, set)) and not self.target_modules:
             raise ValueError("target_modules is an empty list; name at least one module or use 'all-linear'.")
         if isinstance(self.target_modules, (set, tuple)):
@@ -567,7 +574,7 @@ def _new_lora_layer(base: nn.Module, target: nn.Module, target_name: str, config
         return Embedding(target)
     if isinstance(base, nn.Conv2d):
         return Conv2d(target)
-    raise TypeError(
+    raise ValueError(
         f"LoRA cannot wrap {target_name} ({type(base).__name__}); supported layers are torch.nn.Linear, "
         f"transformers Conv1D, torch.nn.Embedding and torch.nn.Conv2d. Narrow target_modules."
     )
