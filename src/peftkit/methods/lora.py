@@ -11,8 +11,10 @@ A frozen weight ``W (out × in)`` gets a trainable low-rank update::
 
 * rsLoRA (Kalajievska, arXiv:2312.03732): ``s = α / √r`` keeps updates stable at high rank.
 * DoRA (Liu et al., ICML 2024, arXiv:2402.09353): the weight is split into magnitude and direction,
-  ``W' = m · (W + s·BA) / ‖W + s·BA‖_row`` with a trainable magnitude vector ``m`` initialised to
-  ``‖W‖_row``; the norm is treated as a constant in backward, as in the paper (§4.3).
+  ``W' = m · (W + s·BA) / ‖W + s·BA‖`` with a trainable magnitude vector ``m`` initialised to ``‖W‖``,
+  the norm taken per output feature: per row of a Linear weight, per output channel of a Conv2d kernel
+  (over ``in × kh × kw``), per embedding dimension of an Embedding table (over the vocabulary). The norm is
+  treated as a constant in backward, as in the paper (§4.3).
 * PiSSA (Meng et al., arXiv:2404.02948): ``A, B`` from the top-r singular triplets of ``W``, and the
   residual ``W - s·BA`` becomes the frozen base. OLoRA (Büyükakyüz, arXiv:2406.01775): the same with a QR
   decomposition.
@@ -63,7 +65,7 @@ class LoraConfig(PeftConfig):
             ``False`` (random B: not a no-op, for tests), ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``.
         layers_to_transform / layers_pattern: restrict to these layer indices.
         rank_pattern / alpha_pattern: per-module ``r`` / ``lora_alpha`` keyed by regex suffix.
-        use_dora: weight-decomposed LoRA (Linear and Conv1D layers).
+        use_dora: weight-decomposed LoRA (every supported layer type).
     """
 
     r: int = 8
@@ -192,7 +194,7 @@ class LoraLayer(AdapterLayer):
         self.create_factors(adapter_name, r)
         self.init_factors(adapter_name, config.init_lora_weights, target_name)
         if config.use_dora:
-            self.create_dora_magnitude(adapter_name, target_name)
+            self.create_dora_magnitude(adapter_name)
 
     # Each layer type fills these in.
     def create_factors(self, adapter_name: str, r: int) -> None:
@@ -213,11 +215,65 @@ class LoraLayer(AdapterLayer):
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         nn.init.zeros_(B)
 
-    def create_dora_magnitude(self, adapter_name: str, target_name: str) -> None:
-        raise ValueError(
-            f"use_dora=True supports Linear and Conv1D layers; {target_name} is "
-            f"{type(self.get_base_layer()).__name__}. Exclude it with exclude_modules."
-        )
+    # ------------------------------------------------------------------------------------- DoRA
+    # A layer type supports DoRA by saying which way its weight's output features lie (the two methods
+    # below); the magnitude, the scale in forward and the merge are the same for every layer type.
+    def _dora_norm(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``‖W + ΔW‖`` per output feature, shaped like the magnitude ``m`` (which broadcasts against the
+        layer's output); ``W`` and ``ΔW`` in the base weight's layout."""
+        raise NotImplementedError
+
+    def _to_weight_layout(self, per_feature: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like ``m``, reshaped to broadcast against the base weight."""
+        raise NotImplementedError
+
+    def create_dora_magnitude(self, adapter_name: str) -> None:
+        """``m = ‖W + s·BA‖``: at creation DoRA's output equals LoRA's (the same as W's when ``B = 0``)."""
+        with torch.no_grad():
+            delta = self.delta_weight(adapter_name)
+            norm = self._dora_norm(self.get_base_layer().weight.to(delta.dtype), delta)
+        self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.contiguous())
+
+    def _dora_scale(self, adapter_name: str) -> torch.Tensor:
+        """``m / ‖W + s·BA‖``, shaped like ``m``; the norm is a constant in backward (paper §4.3)."""
+        with torch.no_grad():
+            delta = self.delta_weight(adapter_name)
+            norm = self._dora_norm(self.get_base_layer().weight.to(delta.dtype), delta)
+        return self.lora_magnitude_vector[adapter_name].weight / norm
+
+    def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """DoRA: ``W' = m / ‖W₀ + ΔW‖ · (weight + ΔW)``, ``W₀`` the base without merged adapters (as in forward)."""
+        if not self.use_dora[adapter_name]:
+            return super().merge_weight(weight, adapter_name)
+        delta = self.delta_weight(adapter_name).detach()
+        norm = self._dora_norm(self._weight_without_merged_adapters().to(delta.dtype), delta)
+        # kept for unmerge: the norm cannot be recomputed from the merged weight
+        self._dora_norm_at_merge[adapter_name] = norm
+        factor = self._to_weight_layout(self.lora_magnitude_vector[adapter_name].weight.detach() / norm)
+        return (factor * (weight + delta)).to(weight.dtype)
+
+    def unmerge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if not self.use_dora[adapter_name]:
+            return super().unmerge_weight(weight, adapter_name)
+        unmerged = self._dora_unmerged(weight, adapter_name)
+        del self._dora_norm_at_merge[adapter_name]
+        return unmerged
+
+    def _dora_unmerged(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        norm = self._dora_norm_at_merge[adapter_name]
+        factor = self._to_weight_layout(self.lora_magnitude_vector[adapter_name].weight.detach() / norm)
+        return (weight / factor - self.delta_weight(adapter_name).detach()).to(weight.dtype)
+
+    def _weight_without_merged_adapters(self) -> torch.Tensor:
+        """The base weight with the adapters merged so far taken out again (merging several DoRA adapters:
+        each one's norm is taken on the plain base weight, as forward does)."""
+        weight = self.get_base_layer().weight.detach()
+        for name in reversed(self.merged_adapters):
+            if self.use_dora[name]:
+                weight = self._dora_unmerged(weight, name)
+            else:
+                weight = super().unmerge_weight(weight, name)
+        return weight
 
 
 class Linear(LoraLayer):
@@ -271,18 +327,12 @@ class Linear(LoraLayer):
         residual = weight - scaling * lora_B @ lora_A
         base.weight.data = (residual.T if self.fan_in_fan_out else residual).to(dtype).contiguous()
 
-    def create_dora_magnitude(self, adapter_name: str, target_name: str) -> None:
-        with torch.no_grad():
-            lora_weight = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight
-            norm = self._dora_weight_norm(lora_weight, self.scaling[adapter_name])
-        self.lora_magnitude_vector[adapter_name] = DoraMagnitude(
-            norm.to(self.lora_A[adapter_name].weight.dtype)
-        )
+    def _dora_norm(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """‖W + ΔW‖ over each output row: shape ``(out,)``."""
+        return torch.linalg.norm(weight + delta, dim=0 if self.fan_in_fan_out else 1)
 
-    def _dora_weight_norm(self, lora_weight: torch.Tensor, scaling: float) -> torch.Tensor:
-        """‖W + s·BA‖ over each output row."""
-        weight = self._base_weight_out_in().to(lora_weight.dtype)
-        return torch.linalg.norm(weight + scaling * lora_weight, dim=1)
+    def _to_weight_layout(self, per_feature: torch.Tensor) -> torch.Tensor:
+        return per_feature.view(1, -1) if self.fan_in_fan_out else per_feature.view(-1, 1)
 
     def adapter_delta(self, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor) -> torch.Tensor:
         lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]
@@ -291,9 +341,7 @@ class Linear(LoraLayer):
         if not self.use_dora[adapter_name]:
             return lora_B(lora_A(dropout(x))) * scaling
         # DoRA: y = m/‖W+sBA‖ · (W x + s·BAx) + b, returned as a change of the base output.
-        lora_weight = lora_B.weight @ lora_A.weight  # (out, in)
-        weight_norm = self._dora_weight_norm(lora_weight.detach(), scaling).detach()
-        mag_norm_scale = (self.lora_magnitude_vector[adapter_name].weight / weight_norm).view(1, -1)
+        mag_norm_scale = self._dora_scale(adapter_name)  # (out,)
         if isinstance(dropout, nn.Identity) or not self.training:
             bias = self.bias
             base_no_bias = base_output if bias is None else base_output - bias
@@ -311,37 +359,14 @@ class Linear(LoraLayer):
         )
         return delta.T if self.fan_in_fan_out else delta
 
-    def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        if not self.use_dora[adapter_name]:
-            return super().merge_weight(weight, adapter_name)
-        delta = self.delta_weight(adapter_name)
-        factor = self._dora_factor(weight, delta, adapter_name)
-        merged = factor * (weight + delta.to(weight.dtype))
-        return merged
-
-    def _dora_factor(self, weight: torch.Tensor, delta: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        weight_out_in = weight.T if self.fan_in_fan_out else weight
-        delta_out_in = delta.T if self.fan_in_fan_out else delta
-        norm = torch.linalg.norm(weight_out_in + delta_out_in.to(weight.dtype), dim=1).detach()
-        self._dora_norm_at_merge[adapter_name] = norm
-        factor = (
-            (self.lora_magnitude_vector[adapter_name].weight.detach() / norm).view(-1, 1).to(weight.dtype)
-        )
-        return factor.T if self.fan_in_fan_out else factor
-
-    def unmerge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        if not self.use_dora[adapter_name]:
-            return super().unmerge_weight(weight, adapter_name)
-        norm = self._dora_norm_at_merge.pop(adapter_name)
-        factor = (
-            (self.lora_magnitude_vector[adapter_name].weight.detach() / norm).view(-1, 1).to(weight.dtype)
-        )
-        factor = factor.T if self.fan_in_fan_out else factor
-        return weight / factor - self.delta_weight(adapter_name).to(weight.dtype)
-
 
 class Embedding(LoraLayer):
-    """LoRA on ``nn.Embedding``: ``E' = E + s · (B A)ᵀ`` with ``A: r × vocab`` (zero init), ``B: dim × r``."""
+    """LoRA on ``nn.Embedding``: ``E' = E + s · (B A)ᵀ`` with ``A: r × vocab`` (zero init), ``B: dim × r``.
+
+    With DoRA the output features are the embedding dimensions: ``m`` has one entry per dimension and
+    ``E' = (E + s·(BA)ᵀ) · m / ‖E + s·(BA)ᵀ‖_col``, the norm of each column taken over the vocabulary.
+    No dropout on this layer type (the input is token ids), as in HF PEFT.
+    """
 
     def create_factors(self, adapter_name: str, r: int) -> None:
         base = self.get_base_layer()
@@ -370,16 +395,34 @@ class Embedding(LoraLayer):
             base.norm_type,
             base.scale_grad_by_freq,
             base.sparse,
-        )
-        return (after_A @ self.lora_embedding_B[adapter_name].T) * self.scaling[adapter_name]
+        )  # (..., r)
+        lora_out = after_A @ self.lora_embedding_B[adapter_name].T  # (..., dim)
+        scaling = self.scaling[adapter_name]
+        if not self.use_dora[adapter_name]:
+            return lora_out * scaling
+        # DoRA: y = m/‖E+s(BA)ᵀ‖ · (E[x] + s·(BA)ᵀ[x]), returned as a change of the base output.
+        mag_norm_scale = self._dora_scale(adapter_name)  # (dim,)
+        return (mag_norm_scale - 1) * base_output + mag_norm_scale * lora_out * scaling
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         B, A = self.lora_embedding_B[adapter_name], self.lora_embedding_A[adapter_name]
         return (B @ A).T * self.scaling[adapter_name]
 
+    def _dora_norm(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """‖E + ΔE‖ over the vocabulary, for each embedding dimension: shape ``(dim,)``."""
+        return torch.linalg.norm(weight + delta, dim=0)
+
+    def _to_weight_layout(self, per_feature: torch.Tensor) -> torch.Tensor:
+        return per_feature.view(1, -1)  # (1, dim) against the (vocab, dim) table
+
 
 class Conv2d(LoraLayer):
-    """LoRA on ``nn.Conv2d``: A is a conv with the base kernel (to rank r), B a 1×1 conv back out."""
+    """LoRA on ``nn.Conv2d``: A is a conv with the base kernel (to rank r), B a 1×1 conv back out.
+
+    With DoRA ``m`` has one entry per output channel, stored as ``(1, out, 1, 1)`` (HF PEFT's shape, which
+    broadcasts against the ``(N, out, H, W)`` output), and the norm of each output channel's kernel is
+    taken over ``in × kh × kw``.
+    """
 
     def create_factors(self, adapter_name: str, r: int) -> None:
         base = self.get_base_layer()
@@ -400,14 +443,38 @@ class Conv2d(LoraLayer):
 
     def adapter_delta(self, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor) -> torch.Tensor:
         lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        dropout, scaling = self.lora_dropout[adapter_name], self.scaling[adapter_name]
         x = x.to(lora_A.weight.dtype)
-        return lora_B(lora_A(self.lora_dropout[adapter_name](x))) * self.scaling[adapter_name]
+        if not self.use_dora[adapter_name]:
+            return lora_B(lora_A(dropout(x))) * scaling
+        # DoRA: y = m/‖W+ΔW‖ · (W ⋆ x + s·B ⋆ A ⋆ x) + b, returned as a change of the base output.
+        mag_norm_scale = self._dora_scale(adapter_name)  # (1, out, 1, 1)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = self.bias
+            base_no_bias = base_output if bias is None else base_output - bias.view(1, -1, 1, 1)
+            dropped = x
+        else:
+            # both terms of the change see the dropped-out input: W ⋆ x is recomputed on it
+            dropped = dropout(x)
+            base = self.get_base_layer()
+            base_no_bias = F.conv2d(
+                dropped, base.weight.to(x.dtype), None, base.stride, base.padding, base.dilation, base.groups
+            )
+        lora_out = lora_B(lora_A(dropped))  # (N, out, H, W)
+        return (mag_norm_scale - 1) * base_no_bias + mag_norm_scale * lora_out * scaling
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         # composing the two convolutions: B is 1×1, so the product is a per-kernel-position matmul
         delta = torch.einsum("or,rihw->oihw", B[:, :, 0, 0], A)
         return delta * self.scaling[adapter_name]
+
+    def _dora_norm(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """‖W + ΔW‖ over ``in × kh × kw`` for each output channel: shape ``(1, out, 1, 1)``."""
+        return torch.linalg.vector_norm(weight + delta, dim=(1, 2, 3), keepdim=True).transpose(0, 1)
+
+    def _to_weight_layout(self, per_feature: torch.Tensor) -> torch.Tensor:
+        return per_feature.view(-1, 1, 1, 1)  # (out, 1, 1, 1) against the (out, in, kh, kw) kernel
 
 
 class LoraModel(BaseTuner):
