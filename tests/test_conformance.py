@@ -25,7 +25,16 @@ from transformers import (
 )
 
 import peftkit
-from peftkit import AdapterLayer, LoraConfig, ModulesToSaveWrapper, PeftModel, get_peft_model
+from peftkit import (
+    AdapterLayer,
+    BitFitConfig,
+    FreezeConfig,
+    HeadOnlyConfig,
+    LoraConfig,
+    ModulesToSaveWrapper,
+    PeftModel,
+    get_peft_model,
+)
 
 
 def tiny_llama(seed: int = 0) -> nn.Module:
@@ -67,6 +76,11 @@ class Case:
     # the adapter lives only in its own parameters (not so for bias="all", which trains base biases in
     # place, or PiSSA, which moves the principal part of W into the adapter at creation)
     base_untouched: bool = True
+    # False when disable_adapter() is a clear error instead (an in-place method that keeps no copy of the
+    # original values, such as Freeze)
+    disable_supported: bool = True
+    # True for methods that train the model's own parameters in place: a second adapter is a clear error
+    one_adapter_per_model: bool = False
     inputs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,6 +100,12 @@ CASES = [
     ),
     Case("lora-gpt2-conv1d", "LORA", tiny_gpt2, lambda: LoraConfig(r=4, target_modules=["c_attn", "c_fc"])),
     Case("dora-gpt2-conv1d", "LORA", tiny_gpt2, lambda: LoraConfig(r=4, use_dora=True)),
+    Case(
+        "dora-embedding",
+        "LORA",
+        tiny_llama,
+        lambda: LoraConfig(r=4, use_dora=True, target_modules=["embed_tokens", "v_proj"]),
+    ),
     Case(
         "lora-embedding",
         "LORA",
@@ -107,6 +127,66 @@ CASES = [
         lambda: LoraConfig(r=4, init_lora_weights="pissa", target_modules=["q_proj", "o_proj"]),
         base_untouched=False,
     ),
+]
+
+# In-place methods (they train some of the model's own parameters; see tests/test_selective.py). BitFit
+# keeps a copy of the original biases, so disabling and deleting give the base model back.
+CASES += [
+    Case(
+        "bitfit-bert-seq-cls",
+        "BITFIT",
+        tiny_bert_cls,
+        lambda: BitFitConfig(task_type="SEQ_CLS"),
+        one_adapter_per_model=True,
+    ),
+    Case(
+        "bitfit-gpt2-qkv-mlp",
+        "BITFIT",
+        tiny_gpt2,
+        lambda: BitFitConfig(bias_groups=["attention_qkv", "mlp"]),
+        one_adapter_per_model=True,
+    ),
+    Case(
+        "bitfit-llama-added-biases",
+        "BITFIT",
+        tiny_llama,
+        lambda: BitFitConfig(
+            bias_groups=["attention_qkv", "attention_output", "mlp"], add_missing_biases=True
+        ),
+        one_adapter_per_model=True,
+    ),
+    Case(
+        "freeze-gpt2-top1",
+        "FREEZE",
+        tiny_gpt2,
+        lambda: FreezeConfig(trainable_layers=1),
+        base_untouched=False,
+        disable_supported=False,
+        one_adapter_per_model=True,
+    ),
+    Case(
+        "freeze-bert-seq-cls-norms",
+        "FREEZE",
+        tiny_bert_cls,
+        lambda: FreezeConfig(trainable_layers=[1], train_norms=True, task_type="SEQ_CLS"),
+        base_untouched=False,
+        disable_supported=False,
+        one_adapter_per_model=True,
+    ),
+    Case("head-only-bert", "FREEZE", tiny_bert_cls, lambda: HeadOnlyConfig(task_type="SEQ_CLS")),
+]
+
+# IA3: vectors that rescale outputs (keys, values) or inputs (feed-forward); architecture defaults.
+CASES += [
+    Case("ia3-llama", "IA3", tiny_llama, lambda: peftkit.IA3Config()),
+    Case(
+        "ia3-llama-all-linear",
+        "IA3",
+        tiny_llama,
+        lambda: peftkit.IA3Config(target_modules="all-linear", feedforward_modules=["up_proj", "down_proj"]),
+    ),
+    Case("ia3-gpt2-conv1d", "IA3", tiny_gpt2, lambda: peftkit.IA3Config()),
+    Case("ia3-bert-seq-cls", "IA3", tiny_bert_cls, lambda: peftkit.IA3Config(task_type="SEQ_CLS")),
 ]
 
 
@@ -207,6 +287,14 @@ def test_merge_equals_unmerged_and_unmerge_restores(case: Case) -> None:
 
 
 def test_disable_adapter_gives_base_output(case: Case) -> None:
+    if not case.disable_supported:
+        model = get_peft_model(case.build_model(0), case.config())
+        _train(model, case)
+        trained = _output(model, case)
+        with pytest.raises(ValueError, match="disable_adapter"), model.disable_adapter():
+            pass
+        assert torch.equal(_output(model, case), trained)
+        return
     if not case.base_untouched:
         pytest.skip("the method changes base parameters, so 'disabled' is not the original model")
     reference = case.build_model(0)
@@ -226,9 +314,14 @@ def test_disable_adapter_gives_base_output(case: Case) -> None:
 def test_delete_adapter_removes_every_trace(case: Case) -> None:
     model = get_peft_model(case.build_model(0), case.config())
     reference_keys = set(case.build_model(0).state_dict())
-    model.add_adapter("other", case.config())
+    if case.one_adapter_per_model:
+        with pytest.raises(ValueError, match="only adapter"):
+            model.add_adapter("other", case.config())
+    else:
+        model.add_adapter("other", case.config())
     _train(model, case)
-    model.delete_adapter("other")
+    if "other" in model.peft_config:
+        model.delete_adapter("other")
     assert "other" not in model.peft_config
     assert not any("other" in name.split(".") for name, _ in model.named_parameters())
     model.delete_adapter("default")

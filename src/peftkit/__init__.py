@@ -7,6 +7,9 @@ model = get_peft_model(base_model, LoraConfig(r=8, target_modules="all-linear"))
 from peftkit.checkpoint import get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.config import PeftConfig, PeftType, TaskType
 from peftkit.layer import AdapterLayer, ModulesToSaveWrapper
+from peftkit.methods.bitfit import BitFitConfig, BitFitModel
+from peftkit.methods.freeze import FreezeConfig, FreezeModel, HeadOnlyConfig
+from peftkit.methods.ia3 import IA3Config, IA3Model
 from peftkit.methods.lora import LoraConfig, LoraModel
 from peftkit.peft_model import (
     PeftModel,
@@ -26,6 +29,13 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterLayer",
     "BaseTuner",
+    "BitFitConfig",
+    "BitFitModel",
+    "FreezeConfig",
+    "FreezeModel",
+    "HeadOnlyConfig",
+    "IA3Config",
+    "IA3Model",
     "LoraConfig",
     "LoraModel",
     "ModulesToSaveWrapper",

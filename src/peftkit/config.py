@@ -37,6 +37,7 @@ class PeftType(str, enum.Enum):
     BOTTLENECK = "BOTTLENECK"
     ADAPTER_FUSION = "ADAPTER_FUSION"
     BITFIT = "BITFIT"
+    FREEZE = "FREEZE"
     UNIPELT = "UNIPELT"
     MAM = "MAM"
 

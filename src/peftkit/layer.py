@@ -124,11 +124,13 @@ class AdapterLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
+        dtype = result.dtype  # a float32 adapter on a bf16 base must not change the layer's output dtype
         for name in self.active_adapters:
             result = result + self.adapter_delta(x, name, result)
-        return result
+        return result.to(dtype)
 
-    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def rows_adapter_names(self, x: torch.Tensor) -> Sequence[str]:
+        """The adapter name of each row of ``x`` in a mixed-adapter batch (checked against the batch)."""
         names = self.batch_adapter_names
         assert names is not None
         if len(names) != x.shape[0]:
@@ -136,6 +138,10 @@ class AdapterLayer(nn.Module):
                 f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} rows; give one "
                 f"adapter name (or {BASE_ADAPTER_NAME!r}) per row."
             )
+        return names
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        names = self.rows_adapter_names(x)
         result = self.base_layer(x, *args, **kwargs)
         delta = torch.zeros_like(result)
         for name in dict.fromkeys(names):
@@ -157,6 +163,13 @@ class AdapterLayer(nn.Module):
     def unmerge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         return weight - self.delta_weight(adapter_name).to(weight.dtype)
 
+    def merge_bias(self, bias: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The merged bias for one adapter: unchanged unless the method rescales outputs (IA3)."""
+        return bias
+
+    def unmerge_bias(self, bias: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return bias
+
     def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weight.
 
@@ -167,6 +180,7 @@ class AdapterLayer(nn.Module):
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         base = self.get_base_layer()
         weight = base.weight.data
+        bias = base.bias.data if getattr(base, "bias", None) is not None else None
         newly_merged = []
         for name in names:
             if name not in self.adapter_names:
@@ -177,13 +191,19 @@ class AdapterLayer(nn.Module):
                 )
                 continue
             weight = self.merge_weight(weight, name)  # out of place: the base is untouched until the end
-            if safe_merge and not torch.isfinite(weight).all():
+            if bias is not None:
+                bias = self.merge_bias(bias, name)
+            if safe_merge and not (
+                torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())
+            ):
                 raise ValueError(
                     f"Merging adapter {name!r} would put NaN or inf into the base weight; the adapter is "
                     f"broken (check its training). Nothing was merged."
                 )
             newly_merged.append(name)
         base.weight.data = weight
+        if bias is not None:
+            base.bias.data = bias
         self.merged_adapters.extend(newly_merged)
 
     def unmerge(self) -> None:
@@ -191,6 +211,8 @@ class AdapterLayer(nn.Module):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             base.weight.data = self.unmerge_weight(base.weight.data, name)
+            if getattr(base, "bias", None) is not None:
+                base.bias.data = self.unmerge_bias(base.bias.data, name)
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"

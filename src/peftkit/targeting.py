@@ -9,7 +9,8 @@ The rules are HF PEFT's, so one ``adapter_config.json`` selects the same modules
   sequence classification, the classifier;
 * ``exclude_modules`` (same list / regex forms) removes matches;
 * ``layers_to_transform`` (+ ``layers_pattern``) keeps only modules inside the given layer indices;
-* with no ``target_modules`` the architecture's default (:data:`DEFAULT_TARGET_MODULES`) is used.
+* with no ``target_modules`` the architecture's default is used: the config class's
+  ``default_target_modules`` table when it has one, else :data:`DEFAULT_TARGET_MODULES`.
 """
 
 from __future__ import annotations
@@ -100,12 +101,14 @@ def resolve_target_modules(model: nn.Module, config: Any) -> str | list[str]:
     targets = getattr(config, "target_modules", None)
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGET_MODULES:
+        # a method whose defaults differ from LoRA's (e.g. IA3 adds a feed-forward layer) brings its table
+        defaults = getattr(config, "default_target_modules", None) or DEFAULT_TARGET_MODULES
+        if model_type not in defaults:
             raise ValueError(
                 f"target_modules is not set and peftkit has no default for model_type {model_type!r}. "
                 f"Pass target_modules explicitly, e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'."
             )
-        return list(DEFAULT_TARGET_MODULES[model_type])
+        return list(defaults[model_type])
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         return _all_linear_names(model, getattr(config, "task_type", None))
     if isinstance(targets, str):

@@ -8,12 +8,18 @@ A method supplies :meth:`BaseTuner.create_or_update_layer` (how to wrap one matc
 :meth:`BaseTuner.extra_adapter_parameters` (parameters outside its layers that an adapter trains, such as
 LoRA's ``bias="all"``). Everything else (matching, trainability, deletion, merging, unloading, the
 state-dict map used by checkpoints) is here and works from the layers' own declarations.
+
+Methods that wrap nothing but train some of the model's own parameters in place (BitFit, partial
+fine-tuning) return ``[]`` from :meth:`BaseTuner.target_names` and describe those parameters in
+:meth:`BaseTuner.select_base_parameters`; see "Selecting base parameters" in docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +35,29 @@ def split_module_name(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.M
     parent_name, _, child_name = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     return parent, child_name, getattr(parent, child_name)
+
+
+@dataclass
+class BaseParameterSelection:
+    """The model's own parameters that an in-place adapter trains (returned by
+    :meth:`BaseTuner.select_base_parameters`); the core makes them trainable, saves and loads them, and
+    undoes them on delete.
+
+    Attributes:
+        names: parameter names in the tuner's ``model`` (``named_parameters()`` spelling); saved on disk as
+            ``base_model.model.<name>``.
+        new_parameters: parameters the method adds to the model's modules (e.g. zero biases), keyed by a
+            name that is also in ``names``; the core registers them, and removes them on delete.
+        keep_original: keep a copy of the original values so that ``disable_adapter()`` and
+            ``delete_adapter()`` give the base model back exactly (costs the memory of the selection).
+    """
+
+    names: list[str]
+    new_parameters: dict[str, nn.Parameter] = field(default_factory=dict)
+    keep_original: bool = False
+    # filled in by the core
+    original: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    merged: bool = False
 
 
 class BaseTuner(nn.Module):
@@ -50,6 +79,7 @@ class BaseTuner(nn.Module):
         self.active_adapters: list[str] = [adapter_name]
         self.default_modules_to_save = list(default_modules_to_save)
         self.targeted_module_names: dict[str, list[str]] = {}
+        self.base_selections: dict[str, BaseParameterSelection] = {}  # in-place adapters only
         # restored if the first injection fails or the adapters are removed again
         self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
         for param in self.model.parameters():
@@ -83,6 +113,31 @@ class BaseTuner(nn.Module):
         """Parameters outside the adapter layers that this adapter trains and saves, keyed by their name
         in ``self.model``."""
         return {}
+
+    def target_names(self, config: PeftConfig, modules_to_save: Sequence[str]) -> list[str]:
+        """Full names of the modules to wrap (HF PEFT's ``target_modules`` rules); a method that wraps
+        nothing returns ``[]``."""
+        return find_target_names(self.model, config, modules_to_save=modules_to_save)
+
+    def select_base_parameters(self, adapter_name: str, config: PeftConfig) -> BaseParameterSelection | None:
+        """In-place methods: the model's own parameters this adapter trains. Called after the
+        ``modules_to_save`` wrappers exist; it must not change the model (the core registers
+        ``new_parameters``). ``None`` (the default): the adapter trains only its own layers."""
+        return None
+
+    def base_modules(self) -> list[tuple[str, nn.Module]]:
+        """The model's own modules, none inside a ``modules_to_save`` wrapper or an adapter layer (what an
+        in-place method selects from)."""
+        skipped: list[str] = []
+        modules = []
+        for name, module in self.model.named_modules():
+            if any(name.startswith(prefix) for prefix in skipped):
+                continue
+            if isinstance(module, (ModulesToSaveWrapper, AdapterLayer)):
+                skipped.append(f"{name}.")
+                continue
+            modules.append((name, module))
+        return modules
 
     # ------------------------------------------------------------------------------- plumbing
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -120,20 +175,49 @@ class BaseTuner(nn.Module):
     def inject_adapter(self, adapter_name: str) -> None:
         """Wrap every module the adapter's config selects; on any error, undo everything."""
         config = self.peft_config[adapter_name]
+        holder = next((n for n, s in self.base_selections.items() if s.names), None)
+        if holder is not None:
+            raise ValueError(
+                f"Adapter {holder!r} trains the model's own parameters in place, so it must be the only adapter "
+                f"on this model (another adapter would share those tensors). Delete it first, or wrap a fresh "
+                f"base model for {adapter_name!r}."
+            )
         try:
             saved = list(getattr(config, "modules_to_save", None) or []) + self.default_modules_to_save
-            names = find_target_names(self.model, config, modules_to_save=saved)
+            names = self.target_names(config, saved)
             for name in names:
                 parent, child_name, target = split_module_name(self.model, name)
                 new_module = self.create_or_update_layer(target, name, config, adapter_name)
                 if new_module is not None:
                     setattr(parent, child_name, new_module)
             self._wrap_modules_to_save(adapter_name, config)
+            selection = self.select_base_parameters(adapter_name, config)
+            if selection is not None:
+                self._add_selection(adapter_name, selection)
             self.targeted_module_names[adapter_name] = names
         except BaseException:
             self._remove_adapter_modules(adapter_name)
             raise
         self.set_adapter(self.active_adapters)
+
+    def _add_selection(self, adapter_name: str, selection: BaseParameterSelection) -> None:
+        others = [n for n in self.peft_config if n != adapter_name]
+        if selection.names and others:
+            raise ValueError(
+                f"Adapter {adapter_name!r} trains the model's own parameters in place, so it must be the only "
+                f"adapter on this model, which already has {others}. Delete those first, or wrap a fresh base "
+                f"model."
+            )
+        self.base_selections[adapter_name] = selection
+        for name, param in selection.new_parameters.items():
+            parent, attr, _ = split_module_name(self.model, name)
+            setattr(parent, attr, param)
+        if selection.keep_original:
+            selection.original = {
+                n: self.model.get_parameter(n).detach().clone()
+                for n in selection.names
+                if n not in selection.new_parameters
+            }
 
     def _wrap_modules_to_save(self, adapter_name: str, config: PeftConfig) -> None:
         requested = list(getattr(config, "modules_to_save", None) or [])
@@ -203,6 +287,9 @@ class BaseTuner(nn.Module):
             for local, param in wrapper.adapter_parameters(adapter_name).items():
                 params[f"{path}.{local}"] = param
         params.update(self.extra_adapter_parameters(adapter_name))
+        selection = self.base_selections.get(adapter_name)
+        if selection is not None:
+            params.update({name: self.model.get_parameter(name) for name in selection.names})
         return params
 
     # ---------------------------------------------------------------------------------- deletion
@@ -231,11 +318,61 @@ class BaseTuner(nn.Module):
             if not wrapper.adapter_names:
                 parent, child_name, _ = split_module_name(self.model, name)
                 setattr(parent, child_name, wrapper.original_module)
+        selection = self.base_selections.pop(adapter_name, None)
+        if selection is not None:
+            self._release_selection(selection)
+
+    def _release_selection(self, selection: BaseParameterSelection) -> None:
+        """Freeze the selected parameters, put back their original values where a copy was kept (without
+        one, the trained values stay), and remove the parameters the method added."""
+        with torch.no_grad():
+            for name in selection.names:
+                if name not in selection.new_parameters:
+                    param = self.model.get_parameter(name)
+                    param.requires_grad_(False)
+                    if name in selection.original:
+                        param.copy_(selection.original[name])
+        for name in selection.new_parameters:
+            parent, attr = split_module_name(self.model, name)[:2]
+            setattr(parent, attr, None)
+
+    @contextlib.contextmanager
+    def _original_base_values(self) -> Iterator[None]:
+        """Inside the block, in-place adapters' parameters hold their original values (added ones are
+        taken out); the trained values return afterwards, bit for bit."""
+        trained: list[tuple[nn.Parameter, torch.Tensor]] = []
+        added: list[tuple[nn.Module, str, nn.Parameter]] = []
+        with torch.no_grad():
+            for selection in self.base_selections.values():
+                for name in selection.names:
+                    if name in selection.new_parameters:
+                        parent, attr, param = split_module_name(self.model, name)
+                        added.append((parent, attr, param))
+                        setattr(parent, attr, None)
+                    else:
+                        param = self.model.get_parameter(name)
+                        trained.append((param, param.detach().clone()))
+                        param.copy_(selection.original[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in trained:
+                    param.copy_(value)
+            for parent, attr, param in added:
+                setattr(parent, attr, param)
 
     # ------------------------------------------------------------------------------ enable/disable
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
         """Every adapter off (merged ones are unmerged for the duration); the previous state returns."""
+        no_copy = [n for n, s in self.base_selections.items() if s.names and not s.keep_original]
+        if no_copy:
+            raise ValueError(
+                f"Adapter {no_copy[0]!r} trains the model's own parameters in place and keeps no copy of their "
+                f"original values (a copy would cost the memory of the trained parameters), so "
+                f"disable_adapter() cannot run the base model. Load a separate base model to compare against."
+            )
         layers = self.adapter_layers()
         wrappers = self.save_wrappers()
         merged = [(layer, list(layer.merged_adapters)) for _, layer in layers if layer.merged]
@@ -247,7 +384,8 @@ class BaseTuner(nn.Module):
         try:
             for module, _ in previous:
                 module.disable_adapters = True
-            yield
+            with self._original_base_values():
+                yield
         finally:
             for module, state in previous:
                 module.disable_adapters = state
@@ -257,24 +395,41 @@ class BaseTuner(nn.Module):
     # ---------------------------------------------------------------------------------- merging
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights; with ``safe_merge`` a NaN/inf result changes nothing."""
-        # Merging replaces each base weight tensor (out of place), so keeping the old tensors makes the
-        # rollback exact (no (W + Δ) - Δ rounding) and free.
+        # Merging replaces each base weight (and bias) tensor (out of place), so keeping the old tensors
+        # makes the rollback exact (no (W + Δ) - Δ rounding) and free.
         before = [
-            (layer, layer.get_base_layer().weight.data, list(layer.merged_adapters))
+            (
+                layer,
+                {n: p.data for n, p in layer.get_base_layer().named_parameters(recurse=False)},
+                list(layer.merged_adapters),
+            )
             for _, layer in self.adapter_layers()
         ]
         try:
             for layer, _, _ in before:
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
         except BaseException:
-            for layer, weight, merged in before:
-                layer.get_base_layer().weight.data = weight
+            for layer, tensors, merged in before:
+                base = layer.get_base_layer()
+                for name, tensor in tensors.items():
+                    getattr(base, name).data = tensor
                 layer.merged_adapters = merged
             raise
+        # An in-place adapter's values already live in the model: merging it is the identity.
+        for name in self.active_adapters if adapter_names is None else adapter_names:
+            selection = self.base_selections.get(name)
+            if selection is not None and selection.merged:
+                warnings.warn(
+                    f"Adapter {name!r} is already merged; merging it again changes nothing.", stacklevel=2
+                )
+            elif selection is not None:
+                selection.merged = True
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.adapter_layers():
             layer.unmerge()
+        for selection in self.base_selections.values():
+            selection.merged = False
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
@@ -285,7 +440,8 @@ class BaseTuner(nn.Module):
 
     def unload(self) -> nn.Module:
         """Remove every adapter layer without merging (merged weights stay) and return the base model.
-        A ``modules_to_save`` wrapper is replaced by the active adapter's trained copy."""
+        A ``modules_to_save`` wrapper is replaced by the active adapter's trained copy; parameters trained
+        in place keep their trained values."""
         for name, layer in reversed(self.adapter_layers()):
             parent, child_name, _ = split_module_name(self.model, name)
             setattr(parent, child_name, layer.get_base_layer())
@@ -307,6 +463,12 @@ class BaseTuner(nn.Module):
         unknown = sorted({n for n in adapter_names if n not in known})
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {sorted(known)}.")
+        in_place = [n for n, s in self.base_selections.items() if s.names]
+        if in_place:
+            raise ValueError(
+                f"Mixed-adapter batches need adapters that live in their own parameters; adapter "
+                f"{in_place[0]!r} trains the model's own parameters in place, so every row sees it."
+            )
         layers = [m for _, m in self.adapter_layers()] + [m for _, m in self.save_wrappers()]
         if any(isinstance(m, AdapterLayer) and m.merged for m in layers):
             raise ValueError("Mixed-adapter batches need unmerged adapters; call unmerge_adapter() first.")
