@@ -628,3 +628,25 @@ def test_safe_merge_with_nan_in_second_active_adapter_unmerges_the_first() -> No
         peft_model.merge_adapter(safe_merge=True)
     assert [layer.merged_adapters for layer in _adapter_layers(peft_model)] == [[]] * 4
     assert_unchanged(peft_model, before)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_methods_without_quantized_support_refuse_bitsandbytes_layers(tmp_path, bits):
+    """A 4-bit / 8-bit linear holds packed integers: wrapping it as a float linear would compute nonsense,
+    so a method that does not support quantized layers says so, and the model is left as it was."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=100
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    quantization = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization)
+    before = [type(m).__name__ for m in model.modules()]
+    with pytest.raises(
+        ValueError, match=r"q_proj is a quantized Linear(4bit|8bitLt).*does not support quantized"
+    ):
+        get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert [type(m).__name__ for m in model.modules()] == before

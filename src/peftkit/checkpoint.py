@@ -60,7 +60,14 @@ def validate_adapter_name(
 def get_peft_model_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under HF PEFT's on-disk names."""
     params = model.base_model.adapter_parameter_map(adapter_name)
-    return {PREFIX + key: param.detach() for key, param in params.items()}
+    return {PREFIX + key: _full_tensor(param.detach()) for key, param in params.items()}
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded parameter (FSDP2's ``DTensor``; a collective call every rank makes),
+    or the tensor itself."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor
 
 
 def set_peft_model_state_dict(

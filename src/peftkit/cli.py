@@ -1,4 +1,8 @@
-"""The ``peftkit`` command line. Subcommands: ``inspect`` (more arrive with the training issue)."""
+"""The ``peftkit`` command line: ``train``, ``eval``, ``merge``, ``generate`` and ``inspect``.
+
+Every error that comes from the user's input (a config key, a file, a method name) is one line on stderr
+starting with ``peftkit <command>: error:`` and exit code 2, with nothing written.
+"""
 
 from __future__ import annotations
 
@@ -123,6 +127,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning.")
     parser.add_argument("--version", action="version", version=f"peftkit {__version__}")
     sub = parser.add_subparsers(dest="command")
+
+    train = sub.add_parser("train", help="fine-tune a model with any registered method (YAML config)")
+    train.add_argument("config", help="a YAML run config (see examples/*.yaml)")
+    train.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. method.r=16 train.lr=2e-4"
+    )
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+
+    evaluate = sub.add_parser("eval", help="evaluate a saved adapter on the config's validation data")
+    evaluate.add_argument("config", help="the YAML run config (its model and data sections are used)")
+    evaluate.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    evaluate.add_argument("--adapter", required=True, help="the adapter folder")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    merge = sub.add_parser("merge", help="merge an adapter into its base model and save a plain model")
+    merge.add_argument("--adapter", required=True, help="the adapter folder")
+    merge.add_argument(
+        "--base", help="base model (hub id, folder or package:<module>); default: the adapter's"
+    )
+    merge.add_argument("--out", required=True, help="output folder for the merged model (must not exist)")
+    merge.add_argument("--task", help="task type (default: the adapter's task_type)")
+    merge.add_argument("--num-labels", type=int, help="classification labels (default: from the saved head)")
+
+    generate = sub.add_parser("generate", help="generate text with a causal or seq2seq model and an adapter")
+    generate.add_argument("prompt", help="the prompt text")
+    generate.add_argument("--adapter", help="the adapter folder (omit for the base model alone)")
+    generate.add_argument("--base", help="base model; default: the adapter's base_model_name_or_path")
+    generate.add_argument("--template", choices=["none", "alpaca"], default="none", help="wrap the prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
+    generate.add_argument("--seed", type=int, default=0)
+
     inspect = sub.add_parser("inspect", help="describe a saved adapter folder")
     inspect.add_argument("folder", help="a folder written by save_pretrained (peftkit or HF PEFT)")
     inspect.add_argument("--json", action="store_true", help="print the description as JSON")
@@ -135,16 +171,152 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    if args.command == "inspect":
-        try:
-            info = inspect_adapter(args.folder)
-        except (FileNotFoundError, ValueError) as err:
-            print(f"peftkit inspect: error: {err}", file=sys.stderr)
-            return EXIT_USAGE
-        if args.json:
-            print(json.dumps(info, indent=2, default=str))
-        else:
-            _print_inspection(info)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handlers = {"train": _train, "eval": _eval, "merge": _merge, "generate": _generate, "inspect": _inspect}
+    try:
+        return handlers[args.command](args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"peftkit {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    info = inspect_adapter(args.folder)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        _print_inspection(info)
+    return 0
+
+
+def _quiet_transformers() -> None:
+    from transformers import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # e.g. the expected "classifier weights newly initialized" report
+    hf_logging.disable_progress_bar()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from peftkit.runconfig import load_run_config
+    from peftkit.training import train
+
+    config = load_run_config(args.config, args.overrides)
+    _quiet_transformers()
+    train(config, resume=True if args.resume else None)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from peftkit.runconfig import load_run_config
+    from peftkit.training import evaluate_adapter
+
+    config = load_run_config(args.config, args.overrides)
+    _quiet_transformers()
+    metrics = evaluate_adapter(config, args.adapter)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        for key, value in metrics.items():
+            print(f"{key:<12} {value:.4f}")
+    return 0
+
+
+def _adapter_config(folder: str) -> Any:
+    from peftkit.config import CONFIG_NAME, PeftConfig
+
+    if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+        raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; pass a folder written by save_pretrained.")
+    return PeftConfig.from_pretrained(folder)
+
+
+def _head_labels(folder: str) -> int | None:
+    """The number of labels of a saved classification head: the smallest first dimension among the saved
+    2-D ``modules_to_save`` weights (BERT's ``classifier``, RoBERTa's ``classifier.out_proj``, ``score``)."""
+    from peftkit.checkpoint import load_adapter_weights
+
+    sizes = [
+        t.shape[0]
+        for k, t in load_adapter_weights(folder).items()
+        if ".modules_to_save." in k or k.endswith((".classifier.weight", ".score.weight", ".out_proj.weight"))
+        if t.dim() == 2 and k.endswith("weight")
+    ]
+    return min(sizes) if sizes else None
+
+
+def _load_adapted(
+    adapter: str | None, base: str | None, task: str | None, num_labels: int | None = None
+) -> tuple[Any, Any]:
+    """(model with the adapter loaded, tokenizer) for merge and generate."""
+    from peftkit.loading import load_base_model, load_tokenizer
+    from peftkit.peft_model import PeftModel
+    from peftkit.runconfig import ModelSection, RunConfigError
+
+    config = _adapter_config(adapter) if adapter else None
+    base = base or (config.base_model_name_or_path if config else None)
+    if base is None:
+        raise RunConfigError(
+            "no base model: pass --base (the adapter does not record base_model_name_or_path)."
+        )
+    task_type = task or (str(config.task_type) if config and config.task_type else None) or "CAUSAL_LM"
+    if task_type == "SEQ_CLS" and num_labels is None and adapter:
+        num_labels = _head_labels(adapter)
+    section = ModelSection(name_or_path=base, task_type=task_type, num_labels=num_labels)  # type: ignore[arg-type]
+    tokenizer = load_tokenizer(section)
+    model = load_base_model(section, tokenizer=tokenizer)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval(), tokenizer
+
+
+def _merge(args: argparse.Namespace) -> int:
+    if os.path.exists(args.out):
+        raise ValueError(f"--out {args.out} exists; choose a new folder (nothing is overwritten).")
+    _quiet_transformers()
+    model, tokenizer = _load_adapted(args.adapter, args.base, args.task, args.num_labels)
+    merged = model.merge_and_unload(safe_merge=True)
+    tmp = args.out.rstrip("/") + ".tmp"
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, args.out)
+    print(
+        f"merged model written to {args.out} (loads with transformers {type(merged).__name__}.from_pretrained)"
+    )
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from peftkit.data import alpaca_prompt
+
+    _quiet_transformers()
+    if args.adapter is None and args.base is None:
+        raise ValueError("pass --adapter, --base or both.")
+    task = None
+    if args.adapter:
+        config = _adapter_config(args.adapter)
+        task = str(config.task_type) if config.task_type else None
+        if task not in (None, "CAUSAL_LM", "SEQ_2_SEQ_LM"):
+            raise ValueError(f"generate needs a causal or seq2seq adapter; this one is for {task}.")
+    model, tokenizer = _load_adapted(args.adapter, args.base, task)
+    prompt = alpaca_prompt(args.prompt) if args.template == "alpaca" else args.prompt
+    inputs = tokenizer(prompt, return_tensors="pt")
+    torch.manual_seed(args.seed)
+    sampling = args.temperature > 0
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=sampling,
+            temperature=args.temperature if sampling else None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    is_seq2seq = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    new_tokens = output[0] if is_seq2seq else output[0, inputs["input_ids"].shape[1] :]
+    print(tokenizer.decode(new_tokens, skip_special_tokens=True))
     return 0
 
 

@@ -163,12 +163,14 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"Unknown adapters {unknown}; this model has {list(self.peft_config)}.")
+        # Every process gathers (sharded parameters are assembled collectively); only the main one writes.
+        tensors_by_name = {name: get_peft_model_state_dict(self, name) for name in names}
         if not is_main_process:
             return
         for name in names:
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             config = self.peft_config[name]
-            tensors = get_peft_model_state_dict(self, name)
+            tensors = tensors_by_name[name]
             tensors.update(self._embedding_base_weights(name, save_embedding_layers))
             save_adapter_weights(tensors, folder, safe_serialization)
             config.save_pretrained(folder, **self._saved_config_fields(name))

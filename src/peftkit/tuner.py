@@ -37,6 +37,14 @@ def split_module_name(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.M
     return parent, child_name, getattr(parent, child_name)
 
 
+def is_quantized_layer(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear (its weight holds packed integers, not the float matrix)."""
+    if isinstance(module, AdapterLayer):
+        module = module.get_base_layer()
+    weight = getattr(module, "weight", None)
+    return type(weight).__name__ in ("Params4bit", "Int8Params")
+
+
 @dataclass
 class BaseParameterSelection:
     """The model's own parameters that an in-place adapter trains (returned by
@@ -65,6 +73,8 @@ class BaseTuner(nn.Module):
 
     #: the method's layer wrapper class; its declared containers name the adapter tensors on disk.
     layer_cls: type[AdapterLayer] = AdapterLayer
+    #: whether the method's layers handle bitsandbytes' quantized linears (4-bit / 8-bit weights)
+    supports_quantized_layers: bool = False
 
     def __init__(
         self,
@@ -187,6 +197,12 @@ class BaseTuner(nn.Module):
             names = self.target_names(config, saved)
             for name in names:
                 parent, child_name, target = split_module_name(self.model, name)
+                if not self.supports_quantized_layers and is_quantized_layer(target):
+                    raise ValueError(
+                        f"{name} is a quantized {type(target).__name__} (bitsandbytes); "
+                        f"{type(self).__name__} does not support quantized layers yet. Load the base model "
+                        f"without load_in_4bit / load_in_8bit."
+                    )
                 new_module = self.create_or_update_layer(target, name, config, adapter_name)
                 if new_module is not None:
                     setattr(parent, child_name, new_module)

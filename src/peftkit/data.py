@@ -1,0 +1,326 @@
+"""Data for ``peftkit train``: read local files (or a ``datasets`` name), turn rows into token ids and
+labels for the chosen format, and pad batches.
+
+Every example becomes a dict of plain Python lists (``input_ids``, ``attention_mask``, ``labels``), so a
+dataset is a list that can be indexed by a seeded permutation: the order of examples is a pure function
+of the seed and the epoch, which is what makes an interrupted run resume to the same result.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from peftkit.runconfig import DataSection, RunConfigError
+
+Row = dict[str, Any]
+Example = dict[str, Any]
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{context}. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    """The Stanford Alpaca prompt (with or without an input), ending where the response begins."""
+    if input_text:
+        return ALPACA_PROMPT.format(
+            context=", paired with an input that provides further context",
+            instruction=instruction,
+            input_block=f"### Input:\n{input_text}\n\n",
+        )
+    return ALPACA_PROMPT.format(context="", instruction=instruction, input_block="")
+
+
+# ---------------------------------------------------------------------------------------- reading
+def read_rows(path: str, columns: Sequence[str] | None = None) -> list[Row]:
+    """Rows of a CSV, TSV, JSON (a list of objects, or ``{"data": [...]}``) or JSONL file."""
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext in (".csv", ".tsv", ".txt"):
+            delimiter = "," if ext == ".csv" else "\t"
+            with open(path, newline="", encoding="utf-8") as f:
+                if columns:
+                    reader = csv.reader(
+                        f,
+                        delimiter=delimiter,
+                        quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL,
+                    )
+                    rows = []
+                    for line in reader:
+                        if not line:
+                            continue
+                        if len(line) != len(columns):
+                            raise RunConfigError(
+                                f"{path}: a row has {len(line)} fields but data.columns names {len(columns)}."
+                            )
+                        rows.append(dict(zip(columns, line, strict=True)))
+                    return rows
+                quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+                return [dict(r) for r in csv.DictReader(f, delimiter=delimiter, quoting=quoting)]
+        if ext == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        if ext == ".json":
+            with open(path, encoding="utf-8") as f:
+                loaded = json.load(f)
+            if isinstance(loaded, dict) and isinstance(loaded.get("data"), list):
+                loaded = loaded["data"]
+            if not isinstance(loaded, list):
+                raise RunConfigError(f"{path}: a JSON data file must hold a list of objects.")
+            return loaded
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as err:
+        raise RunConfigError(f"{path} could not be read ({err}).") from None
+    raise RunConfigError(f"{path}: unknown data file type {ext!r}; use .csv, .tsv, .json or .jsonl.")
+
+
+def load_splits(data: DataSection, seed: int) -> tuple[list[Row], list[Row]]:
+    """Train and validation rows: from the files, or a ``datasets`` name, with an optional seeded split."""
+    if data.dataset is not None:
+        train_rows, validation_rows = _load_hf_dataset(data)
+    else:
+        assert data.train is not None
+        train_rows = read_rows(data.train, data.columns)
+        validation_rows = read_rows(data.validation, data.columns) if data.validation else []
+    if data.validation_split > 0:
+        if validation_rows:
+            raise RunConfigError("data.validation_split is set but data.validation is given too; use one.")
+        order = list(range(len(train_rows)))
+        random.Random(seed).shuffle(order)
+        n_val = max(1, round(len(train_rows) * data.validation_split))
+        validation_rows = [train_rows[i] for i in sorted(order[:n_val])]
+        train_rows = [train_rows[i] for i in sorted(order[n_val:])]
+    if data.max_train_samples is not None:
+        train_rows = train_rows[: data.max_train_samples]
+    if data.max_eval_samples is not None:
+        validation_rows = validation_rows[: data.max_eval_samples]
+    if not train_rows:
+        raise RunConfigError("the training data is empty.")
+    return train_rows, validation_rows
+
+
+def _load_hf_dataset(data: DataSection) -> tuple[list[Row], list[Row]]:
+    try:
+        import datasets
+    except ImportError:
+        raise RunConfigError("data.dataset needs the `datasets` package: pip install datasets.") from None
+    loaded = datasets.load_dataset(data.dataset, data.dataset_config)
+    train_rows = [dict(r) for r in loaded["train"]]
+    split = next((s for s in ("validation", "dev", "test") if s in loaded), None)
+    validation_rows = [dict(r) for r in loaded[split]] if split and data.validation_split == 0 else []
+    return train_rows, validation_rows
+
+
+# ------------------------------------------------------------------------------------ tokenising
+@dataclass
+class LabelSpace:
+    """Class names in id order (classification) or ``None`` (regression / language modelling)."""
+
+    names: list[str] | None
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.names) if self.names is not None else 1
+
+
+def label_space(data: DataSection, rows: Sequence[Row]) -> LabelSpace:
+    if data.format == "regression":
+        return LabelSpace(None)
+    if data.format != "classification":
+        return LabelSpace(None)
+    if data.labels is not None:
+        return LabelSpace([str(n) for n in data.labels])
+    _require_column(rows, data.label_column, "data.label_column")
+    values = {str(r[data.label_column]).strip() for r in rows}
+    if all(v.lstrip("-").isdigit() for v in values):
+        ints = sorted(int(v) for v in values)
+        if ints and ints[0] == 0:  # integer labels 0..K-1 keep their ids
+            return LabelSpace([str(i) for i in range(ints[-1] + 1)])
+        return LabelSpace([str(i) for i in ints])
+    return LabelSpace(sorted(values))
+
+
+def _require_column(rows: Sequence[Row], column: str, key: str) -> None:
+    if rows and column not in rows[0]:
+        raise RunConfigError(
+            f"{key} {column!r} is not a column of the data; columns: {', '.join(map(str, rows[0]))}."
+        )
+
+
+def build_examples(
+    rows: Sequence[Row], data: DataSection, tokenizer: Any, labels: LabelSpace, task_type: str, split: str
+) -> list[Example]:
+    """Tokenise ``rows`` into examples for ``data.format``."""
+    fmt = data.format
+    if fmt in ("classification", "regression"):
+        return _classification_examples(rows, data, tokenizer, labels, split)
+    if fmt == "text":
+        _require_column(rows, data.text_column, "data.text_column")
+        return [
+            _lm_example(tokenizer, "", str(r[data.text_column]), data, train_on_prompt=True) for r in rows
+        ]
+    if fmt == "instruction":
+        if data.prompt_template != "alpaca":
+            raise RunConfigError(
+                f"data.prompt_template {data.prompt_template!r} is unknown; allowed: alpaca."
+            )
+        for column in ("instruction", "output"):
+            _require_column(rows, column, "instruction data column")
+        pairs = [
+            (alpaca_prompt(str(r["instruction"]), str(r.get("input") or "")), str(r["output"])) for r in rows
+        ]
+        if task_type == "SEQ_2_SEQ_LM":
+            return [_seq2seq_example(tokenizer, p, o, data) for p, o in pairs]
+        return [_lm_example(tokenizer, p, o, data, data.train_on_prompt) for p, o in pairs]
+    if fmt == "chat":
+        _require_column(rows, data.messages_column, "data.messages_column")
+        return [_chat_example(tokenizer, r[data.messages_column], data) for r in rows]
+    raise RunConfigError(f"data.format {fmt!r} is unknown.")
+
+
+def _classification_examples(
+    rows: Sequence[Row], data: DataSection, tokenizer: Any, labels: LabelSpace, split: str
+) -> list[Example]:
+    _require_column(rows, data.text_column, "data.text_column")
+    _require_column(rows, data.label_column, "data.label_column")
+    if data.text_pair_column:
+        _require_column(rows, data.text_pair_column, "data.text_pair_column")
+    texts = [str(r[data.text_column]) for r in rows]
+    pairs = [str(r[data.text_pair_column]) for r in rows] if data.text_pair_column else None
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=data.max_length)
+    index = {name: i for i, name in enumerate(labels.names or [])}
+    examples = []
+    for i, row in enumerate(rows):
+        raw = str(row[data.label_column]).strip()
+        if labels.names is None:
+            try:
+                label: float | int = float(raw)
+            except ValueError:
+                raise RunConfigError(
+                    f"{split} row {i}: label {raw!r} is not a number (data.format regression)."
+                ) from None
+        else:
+            if raw not in index:
+                raise RunConfigError(
+                    f"{split} row {i}: label {raw!r} is not one of the labels {labels.names} (set data.labels)."
+                )
+            label = index[raw]
+        examples.append(
+            {
+                "input_ids": encoded["input_ids"][i],
+                "attention_mask": encoded["attention_mask"][i],
+                **({"token_type_ids": encoded["token_type_ids"][i]} if "token_type_ids" in encoded else {}),
+                "labels": label,
+            }
+        )
+    return examples
+
+
+def _lm_example(
+    tokenizer: Any, prompt: str, response: str, data: DataSection, train_on_prompt: bool
+) -> Example:
+    """Causal LM example: prompt + response (+ EOS); the loss covers the response unless ``train_on_prompt``."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    bos = (
+        [tokenizer.bos_token_id]
+        if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True)
+        else []
+    )
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = (bos + prompt_ids + response_ids + eos)[: data.max_length]
+    n_prompt = len(bos) + len(prompt_ids)
+    labels = [(-100 if (i < n_prompt and not train_on_prompt) else t) for i, t in enumerate(ids)]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def _seq2seq_example(tokenizer: Any, prompt: str, response: str, data: DataSection) -> Example:
+    source = tokenizer(prompt, truncation=True, max_length=data.max_length)
+    target = tokenizer(text_target=response, truncation=True, max_length=data.max_length)
+    return {
+        "input_ids": source["input_ids"],
+        "attention_mask": source["attention_mask"],
+        "labels": target["input_ids"],
+    }
+
+
+def _chat_example(tokenizer: Any, messages: Any, data: DataSection) -> Example:
+    """Render with the chat template; tokens whose characters belong to an assistant turn are trained."""
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in messages
+    ):
+        raise RunConfigError("chat data: every row needs a list of {role, content} messages.")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise RunConfigError("chat data needs a tokenizer with a chat template; set model.chat_template.")
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = (
+            tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            if i
+            else ""
+        )
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not text.startswith(upto) or not upto.startswith(before):
+            raise RunConfigError(
+                "the chat template does not render conversations prefix by prefix; cannot mask turns."
+            )
+        spans.append((len(before), len(upto)))
+    encoded = tokenizer(
+        text,
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+        truncation=True,
+        max_length=data.max_length,
+    )
+    labels = []
+    for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        inside = any(s <= start and end <= e and end > start for s, e in spans)
+        labels.append(token if inside else -100)
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels}
+
+
+# ------------------------------------------------------------------------------------------ batches
+def collate(
+    examples: Sequence[Example], pad_token_id: int, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """Pad a list of examples into tensors (labels padded with -100)."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    length = max(len(e["input_ids"]) for e in examples)
+    batch: dict[str, torch.Tensor] = {}
+    for key in examples[0]:
+        values = [e[key] for e in examples]
+        if key == "labels" and not isinstance(values[0], list):
+            dtype = torch.float32 if isinstance(values[0], float) else torch.long
+            batch[key] = torch.tensor(values, dtype=dtype)
+            continue
+        pad = {"input_ids": pad_token_id, "labels": -100}.get(key, 0)
+        width = max(len(v) for v in values) if key == "labels" else length
+        rows = []
+        for v in values:
+            filler = [pad] * (width - len(v))
+            rows.append(filler + list(v) if padding_side == "left" else list(v) + filler)
+        batch[key] = torch.tensor(rows, dtype=torch.long)
+    return batch
+
+
+def loss_units(batch: dict[str, torch.Tensor], task_type: str) -> int:
+    """How many terms the model's mean loss averages over: examples for classification, predicted tokens
+    for language modelling (causal models shift labels by one)."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return labels.shape[0]
+    if task_type == "CAUSAL_LM":
+        return int((labels[:, 1:] != -100).sum())
+    return int((labels != -100).sum())
