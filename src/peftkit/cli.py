@@ -1,4 +1,4 @@
-"""The ``peftkit`` command line: ``train``, ``eval``, ``merge``, ``generate`` and ``inspect``.
+"""The ``peftkit`` command line: ``train``, ``eval``, ``merge``, ``generate``, ``bench`` and ``inspect``.
 
 Every error that comes from the user's input (a config key, a file, a method name) is one line on stderr
 starting with ``peftkit <command>: error:`` and exit code 2, with nothing written.
@@ -159,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
     generate.add_argument("--seed", type=int, default=0)
 
+    bench = sub.add_parser(
+        "bench", help="run methods x models x tasks x precisions x seeds, one process each"
+    )
+    bench.add_argument("spec", help="a bench spec YAML (see examples/bench_sst2.yaml)")
+    bench.add_argument("--only", help="comma-separated method names of the spec to run")
+    bench.add_argument("--dry-run", action="store_true", help="check the spec and list the runs")
+
     inspect = sub.add_parser("inspect", help="describe a saved adapter folder")
     inspect.add_argument("folder", help="a folder written by save_pretrained (peftkit or HF PEFT)")
     inspect.add_argument("--json", action="store_true", help="print the description as JSON")
@@ -172,7 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    handlers = {"train": _train, "eval": _eval, "merge": _merge, "generate": _generate, "inspect": _inspect}
+    handlers = {
+        "train": _train,
+        "eval": _eval,
+        "merge": _merge,
+        "generate": _generate,
+        "bench": _bench,
+        "inspect": _inspect,
+    }
     try:
         return handlers[args.command](args)
     except (FileNotFoundError, ValueError) as err:
@@ -187,6 +201,14 @@ def _inspect(args: argparse.Namespace) -> int:
     else:
         _print_inspection(info)
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from peftkit.bench import load_spec, run_bench
+
+    spec = load_spec(args.spec, args.only.split(",") if args.only else None)
+    rows = run_bench(spec, dry_run=args.dry_run)
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
 def _quiet_transformers() -> None:

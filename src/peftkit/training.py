@@ -25,6 +25,7 @@ import random
 import resource
 import shutil
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,7 @@ from peftkit.data import Example, LabelSpace, build_examples, collate, label_spa
 from peftkit.io_utils import atomic_write_text
 from peftkit.loading import load_base_model, load_tokenizer
 from peftkit.metrics import classification_metrics, lm_metrics, regression_metrics
+from peftkit.quantization import is_quantized_model, prepare_model_for_kbit_training
 from peftkit.runconfig import RunConfig, RunConfigError, build_method_config, dump_run_config
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -185,6 +187,8 @@ def build_peft_model(
         seed=config.train.seed,
         tokenizer=tokenizer,
     )
+    if is_quantized_model(base):  # QLoRA / 8-bit: freeze, upcast half-precision norms and head to fp32
+        prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     if config.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(base.config, "use_cache"):
@@ -555,14 +559,23 @@ def train(config: RunConfig, resume: bool | None = None) -> dict[str, Any]:
     logged_loss, logged_units, logged_tokens, logged_seconds = 0.0, 0, 0, 0.0
     last_metrics: dict[str, float] = {}
     kill_after = os.environ.get(KILL_AFTER_STEP_ENV)
+    step_seconds: list[float] = []  # this process's steps (after a resume: the resumed part)
+    step_tokens_seen: list[int] = []
     for step in range(start_step, schedule.total_steps):
         step_start = time.perf_counter()
         step_loss, step_units, step_tokens = _train_step(
             model, task, schedule, step, config, group, optimizer
         )
         scheduler.step()
+        # a tuner that adapts itself during training (e.g. reallocates ranks from the gradients) defines
+        # on_step_end(global_step); it runs after the optimizer step, before the gradients are cleared
+        on_step_end = getattr(peft_model.base_model, "on_step_end", None)
+        if callable(on_step_end):
+            on_step_end(step)
         optimizer.zero_grad(set_to_none=True)
-        logged_seconds += time.perf_counter() - step_start
+        step_seconds.append(time.perf_counter() - step_start)
+        step_tokens_seen.append(step_tokens)
+        logged_seconds += step_seconds[-1]
         done = step + 1
         logged_loss += step_loss
         logged_units += step_units
@@ -624,6 +637,8 @@ def train(config: RunConfig, resume: bool | None = None) -> dict[str, Any]:
         "metrics_before": metrics_before,
         "metrics": last_metrics,
         "final_train_loss": next((r["loss"] for r in reversed(history) if r["kind"] == "train"), None),
+        "median_step_seconds": statistics.median(step_seconds) if step_seconds else None,
+        "tokens_per_second": sum(step_tokens_seen) / sum(step_seconds) if step_seconds else None,
     }
     if group.is_main:
         write_jsonl(os.path.join(output_dir, LOG_FILE), history)
