@@ -633,9 +633,16 @@ def test_safe_merge_with_nan_in_second_active_adapter_unmerges_the_first() -> No
 @pytest.mark.parametrize("bits", [4, 8])
 def test_methods_without_quantized_support_refuse_bitsandbytes_layers(tmp_path, bits):
     """A 4-bit / 8-bit linear holds packed integers: wrapping it as a float linear would compute nonsense,
-    so a method that does not support quantized layers says so, and the model is left as it was."""
+    so a method that does not support quantized layers says so, and the model is left as it was. (LoRA and
+    IA3 support them, tests/test_qlora.py; the tuner here is LoRA's with the support switched off, which
+    is what a method that does not declare it gets.)"""
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
+
+    from peftkit import LoraModel
+
+    class NoQuantizedLoraModel(LoraModel):
+        supports_quantized_layers = False
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -646,7 +653,11 @@ def test_methods_without_quantized_support_refuse_bitsandbytes_layers(tmp_path, 
     model = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization)
     before = [type(m).__name__ for m in model.modules()]
     with pytest.raises(
-        ValueError, match=r"q_proj is a quantized Linear(4bit|8bitLt).*does not support quantized"
+        ValueError,
+        match=r"q_proj is a quantized Linear(4bit|8bitLt).*NoQuantizedLoraModel does not support quantized",
     ):
-        get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        NoQuantizedLoraModel(
+            model, {"default": LoraConfig(r=4, target_modules=["q_proj", "v_proj"])}, "default"
+        )
     assert [type(m).__name__ for m in model.modules()] == before
+    assert get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # LoRA supports them

@@ -22,6 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.quantization import (
+    dequantize_weight,
+    dequantized_linear,
+    is_bnb_linear,
+    is_quantized_weight,
+    requantize_weight,
+)
+
 BASE_ADAPTER_NAME = "__base__"  # the row label for "no adapter" in mixed-adapter batches
 
 
@@ -46,6 +54,9 @@ class AdapterLayer(nn.Module):
         self.disable_adapters = False
         # Set by PeftModel for the duration of a forward with ``adapter_names=[...]`` (one per row).
         self.batch_adapter_names: Sequence[str] | None = None
+        # A quantized base weight as it was before the first merge: unmerging puts it back exactly (a
+        # plain list, so that it is not registered as a parameter of this module).
+        self._weight_before_merge: list[nn.Parameter] = []
 
     # ------------------------------------------------------------------------------- base access
     def get_base_layer(self) -> nn.Module:
@@ -65,6 +76,25 @@ class AdapterLayer(nn.Module):
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
+    @property
+    def base_is_quantized(self) -> bool:
+        """The base weight is a bitsandbytes 4-bit / 8-bit weight (packed integers, not the matrix)."""
+        return is_quantized_weight(getattr(self.get_base_layer(), "weight", None))
+
+    def base_weight(self) -> torch.Tensor:
+        """The base layer's weight as a float tensor: the parameter itself, or for a quantized base the
+        dequantized matrix (a new tensor). Code that needs the weight matrix (merging, norms) reads this."""
+        base = self.get_base_layer()
+        return dequantize_weight(base) if self.base_is_quantized else base.weight
+
+    def set_base_weight(self, weight: torch.Tensor) -> None:
+        """Make ``weight`` the base layer's weight (a quantized base quantizes it again: approximate)."""
+        base = self.get_base_layer()
+        if self.base_is_quantized:
+            requantize_weight(base, weight)
+        else:
+            base.weight.data = weight
 
     # ------------------------------------------------------------------------ parameter declaration
     @property
@@ -179,7 +209,7 @@ class AdapterLayer(nn.Module):
         """
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         base = self.get_base_layer()
-        weight = base.weight.data
+        weight = self.base_weight().detach()
         bias = base.bias.data if getattr(base, "bias", None) is not None else None
         newly_merged = []
         for name in names:
@@ -201,18 +231,43 @@ class AdapterLayer(nn.Module):
                     f"broken (check its training). Nothing was merged."
                 )
             newly_merged.append(name)
-        base.weight.data = weight
+        if not newly_merged:
+            return
+        if self.base_is_quantized:
+            if not self._weight_before_merge:
+                original = base.weight
+                if getattr(original, "SCB", 0) is None:  # 8-bit after a forward: scales live in the state
+                    original.CB, original.SCB = original.data, base.state.SCB
+                self._weight_before_merge.append(original)
+            warnings.warn(
+                f"Merging into a quantized ({type(base).__name__}) weight quantizes the merged weight again, "
+                f"so outputs change by the rounding (unmerging restores the original exactly). "
+                f"merge_and_unload() without requantize=True gives a full-precision merged model instead.",
+                stacklevel=3,
+            )
+        self.set_base_weight(weight)
         if bias is not None:
             base.bias.data = bias
         self.merged_adapters.extend(newly_merged)
 
     def unmerge(self) -> None:
         base = self.get_base_layer()
+        if not self.merged_adapters:
+            return
+        weight = self.base_weight().detach()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            base.weight.data = self.unmerge_weight(base.weight.data, name)
+            weight = self.unmerge_weight(weight, name)
             if getattr(base, "bias", None) is not None:
                 base.bias.data = self.unmerge_bias(base.bias.data, name)
+        if self._weight_before_merge:
+            base.weight = self._weight_before_merge.pop()  # exact, unlike dequantize - delta - requantize
+            if hasattr(base, "quant_state"):
+                base.quant_state = getattr(base.weight, "quant_state", None)
+            if getattr(base, "state", None) is not None and hasattr(base.state, "CB"):
+                base.state.CB = base.state.SCB = None
+        else:
+            self.set_base_weight(weight)
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
@@ -240,6 +295,15 @@ class ModulesToSaveWrapper(nn.Module):
         import copy
 
         copy_ = copy.deepcopy(self.original_module)
+        # packed 4-bit / 8-bit weights cannot train: the trained copy of a quantized module (e.g. a
+        # classifier head quantized with the rest) holds the dequantized weights in full precision
+        for name, module in list(copy_.named_modules()):
+            if is_bnb_linear(module):
+                replacement = dequantized_linear(module)
+                if name:
+                    copy_.set_submodule(name, replacement)
+                else:
+                    copy_ = replacement
         copy_.requires_grad_(False)
         self.modules_to_save[adapter_name] = copy_
 

@@ -102,6 +102,10 @@ def load_base_model(
             bnb_4bit_quant_type=section.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=section.bnb_4bit_use_double_quant,
             bnb_4bit_compute_dtype=DTYPES[section.bnb_4bit_compute_dtype],
+            # a new task head stays full precision: it is trained in full (modules_to_save)
+            llm_int8_skip_modules=["classifier", "score"]
+            if section.task_type in ("SEQ_CLS", "TOKEN_CLS")
+            else None,
         )
     torch.manual_seed(seed)  # a newly added head (e.g. a classifier) starts the same in every run
     try:

@@ -199,7 +199,8 @@ class IA3Layer(AdapterLayer):
         """Add adapter ``adapter_name``: a vector over the inputs (feed-forward) or the outputs."""
         weight = self.get_base_layer().weight
         # drawn even when unused and rounded through the base dtype, so a seed gives HF PEFT's vectors
-        vector = torch.randn(self.vector_shape(is_feedforward)).to(weight.dtype)
+        rounding = weight.dtype if weight.dtype.is_floating_point else torch.float32  # quantized: ints
+        vector = torch.randn(self.vector_shape(is_feedforward)).to(rounding)
         if init_ia3_weights:
             vector = torch.ones_like(vector)
         self.ia3_l[adapter_name] = nn.Parameter(
@@ -271,7 +272,7 @@ class IA3Layer(AdapterLayer):
         vector = self.ia3_l[adapter_name].flatten()
         if not self.is_feedforward[adapter_name]:
             return base_output * self._broadcastable(vector - 1, base_output.ndim)
-        weight = self.get_base_layer().weight
+        weight = self.base_weight()
         shifted = x.to(vector.dtype) * self._broadcastable(vector - 1, x.ndim)
         return self._weight_only_forward(shifted.to(weight.dtype))
 
@@ -317,10 +318,14 @@ class Linear(IA3Layer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        self.out_features, self.in_features = self._weight_out_in().shape
+        base = self.get_base_layer()
+        if self.base_is_quantized:  # a 4-bit weight is stored packed: its shape is not (out, in)
+            self.out_features, self.in_features = base.out_features, base.in_features
+        else:
+            self.out_features, self.in_features = self._weight_out_in().shape
 
     def _weight_out_in(self) -> torch.Tensor:
-        weight = self.get_base_layer().weight
+        weight = self.base_weight()  # dequantized for a quantized base
         return weight.T if self.fan_in_fan_out else weight
 
     def vector_shape(self, is_feedforward: bool) -> tuple[int, ...]:
@@ -378,6 +383,7 @@ class IA3Model(BaseTuner):
     """Injects IA3 layers; decides per module whether its vector scales the input or the output."""
 
     layer_cls = IA3Layer
+    supports_quantized_layers = True  # bitsandbytes Linear4bit / Linear8bitLt: merging dequantizes
 
     def create_or_update_layer(
         self, target: nn.Module, target_name: str, config: PeftConfig, adapter_name: str

@@ -231,14 +231,15 @@ class LoraLayer(AdapterLayer):
         """``m = ‖W + s·BA‖``: at creation DoRA's output equals LoRA's (the same as W's when ``B = 0``)."""
         with torch.no_grad():
             delta = self.delta_weight(adapter_name)
-            norm = self._dora_norm(self.get_base_layer().weight.to(delta.dtype), delta)
+            norm = self._dora_norm(self.base_weight().to(delta.dtype), delta)
         self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.contiguous())
 
     def _dora_scale(self, adapter_name: str) -> torch.Tensor:
         """``m / ‖W + s·BA‖``, shaped like ``m``; the norm is a constant in backward (paper §4.3)."""
         with torch.no_grad():
             delta = self.delta_weight(adapter_name)
-            norm = self._dora_norm(self.get_base_layer().weight.to(delta.dtype), delta)
+            # a quantized base is dequantized here on every call, as HF PEFT does
+            norm = self._dora_norm(self.base_weight().to(delta.dtype), delta)
         return self.lora_magnitude_vector[adapter_name].weight / norm
 
     def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
@@ -267,7 +268,7 @@ class LoraLayer(AdapterLayer):
     def _weight_without_merged_adapters(self) -> torch.Tensor:
         """The base weight with the adapters merged so far taken out again (merging several DoRA adapters:
         each one's norm is taken on the plain base weight, as forward does)."""
-        weight = self.get_base_layer().weight.detach()
+        weight = self.base_weight().detach()
         for name in reversed(self.merged_adapters):
             if self.use_dora[name]:
                 weight = self._dora_unmerged(weight, name)
@@ -281,13 +282,16 @@ class Linear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer, fan_in_fan_out)
-        weight = self.get_base_layer().weight
-        out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        base = self.get_base_layer()
+        if self.base_is_quantized:  # a 4-bit weight is stored packed: its shape is not (out, in)
+            in_features, out_features = base.in_features, base.out_features
+        else:
+            out_features, in_features = base.weight.shape[::-1] if fan_in_fan_out else base.weight.shape
         self.in_features, self.out_features = in_features, out_features
 
     def _base_weight_out_in(self) -> torch.Tensor:
-        """The base weight as ``(out, in)``, in float32 for decompositions."""
-        weight = self.get_base_layer().weight
+        """The base weight as ``(out, in)`` (dequantized for a quantized base)."""
+        weight = self.base_weight()
         return (weight.T if self.fan_in_fan_out else weight).detach()
 
     def create_factors(self, adapter_name: str, r: int) -> None:
@@ -306,6 +310,11 @@ class Linear(LoraLayer):
     def _decomposition_init(self, adapter_name: str, init: str) -> None:
         """PiSSA / OLoRA: start ``A, B`` on the principal part of ``W`` and freeze the residual."""
         base = self.get_base_layer()
+        if self.base_is_quantized:
+            raise ValueError(
+                f"init_lora_weights={init!r} rewrites the base weight, which is quantized "
+                f"({type(base).__name__}) here; initialise PiSSA / OLoRA on a full-precision base."
+            )
         dtype = base.weight.dtype
         weight = self._base_weight_out_in().to(torch.float32)  # (out, in)
         r, scaling = self.r[adapter_name], self.scaling[adapter_name]
@@ -481,6 +490,7 @@ class LoraModel(BaseTuner):
     """Injects LoRA layers; adds LoRA's ``bias`` handling and :meth:`add_weighted_adapter`."""
 
     layer_cls = LoraLayer
+    supports_quantized_layers = True  # bitsandbytes Linear4bit / Linear8bitLt (QLoRA), DoRA included
 
     def create_or_update_layer(
         self, target: nn.Module, target_name: str, config: PeftConfig, adapter_name: str
