@@ -59,8 +59,8 @@ def validate_adapter_name(
 
 def get_peft_model_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under HF PEFT's on-disk names."""
-    params = model.base_model.adapter_parameter_map(adapter_name)
-    return {PREFIX + key: _full_tensor(param.detach()) for key, param in params.items()}
+    tensors = model.base_model.adapter_state_dict(adapter_name)
+    return {key: _full_tensor(tensor) for key, tensor in tensors.items()}
 
 
 def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -78,9 +78,7 @@ def set_peft_model_state_dict(
     Keys that name a parameter of the base model itself (HF PEFT saves a resized embedding as
     ``...embed_tokens.base_layer.weight``) are loaded into it.
     """
-    expected = {
-        PREFIX + key: param for key, param in model.base_model.adapter_parameter_map(adapter_name).items()
-    }
+    expected = model.base_model.adapter_load_targets(adapter_name)
     own = dict(model.named_parameters())
     own.update({k: v for k, v in model.named_buffers() if k not in own})
     missing = sorted(set(expected) - set(state_dict))

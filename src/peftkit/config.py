@@ -33,10 +33,12 @@ class PeftType(str, enum.Enum):
     P_TUNING = "P_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
     ADAPTION_PROMPT = "ADAPTION_PROMPT"
+    MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
     # Methods HF PEFT does not have (AdapterHub-style); their names are peftkit's own.
     BOTTLENECK = "BOTTLENECK"
     ADAPTER_FUSION = "ADAPTER_FUSION"
     BITFIT = "BITFIT"
+    P_TUNING_V2 = "P_TUNING_V2"
     FREEZE = "FREEZE"
     UNIPELT = "UNIPELT"
     MAM = "MAM"
