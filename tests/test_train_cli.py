@@ -412,3 +412,21 @@ def test_metrics_match_their_textbook_definitions():
     cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
     expected = cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
     assert spearman([0.1, 0.5, 0.5, 0.9], [1.0, 2.0, 3.0, 4.0]) == pytest.approx(expected)
+
+
+def test_a_datasets_name_or_folder_is_read_through_the_datasets_library(tmp_path, tokenizer_dir):
+    """``data.dataset`` goes through ``datasets.load_dataset``: here a local folder with train and
+    validation files (a hub name works the same where the hub is reachable)."""
+    pytest.importorskip("datasets")
+    from peftkit.data import load_splits
+    from peftkit.runconfig import DataSection, RunConfigError
+
+    folder = tmp_path / "sentiment"
+    folder.mkdir()
+    rows = read_rows(str(SENTIMENT / "train.csv"))
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))
+    (folder / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[20:30]))
+    train_rows, validation_rows = load_splits(DataSection(dataset=str(folder)), seed=0)
+    assert train_rows == rows[:20] and validation_rows == rows[20:30]
+    with pytest.raises(RunConfigError, match="could not be loaded"):
+        load_splits(DataSection(dataset=str(tmp_path / "nothing-here")), seed=0)

@@ -7,10 +7,21 @@ model = get_peft_model(base_model, LoraConfig(r=8, target_modules="all-linear"))
 from peftkit.checkpoint import get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.config import PeftConfig, PeftType, TaskType
 from peftkit.layer import AdapterLayer, ModulesToSaveWrapper
+from peftkit.methods.adalora import AdaLoraConfig, AdaLoraModel
 from peftkit.methods.bitfit import BitFitConfig, BitFitModel
+from peftkit.methods.bottleneck import BottleneckConfig, BottleneckModel, Parallel
 from peftkit.methods.freeze import FreezeConfig, FreezeModel, HeadOnlyConfig
+from peftkit.methods.fusion import AdapterFusionConfig
 from peftkit.methods.ia3 import IA3Config, IA3Model
 from peftkit.methods.lora import LoraConfig, LoraModel
+from peftkit.methods.p_tuning import (
+    PromptEncoderConfig,
+    PromptEncoderModel,
+    PromptEncoderReparameterizationType,
+)
+from peftkit.methods.p_tuning_v2 import PTuningV2Config, PTuningV2Model
+from peftkit.methods.prefix_tuning import PrefixTuningConfig, PrefixTuningModel
+from peftkit.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit, PromptTuningModel
 from peftkit.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -21,16 +32,23 @@ from peftkit.peft_model import (
     PeftModelForTokenClassification,
     get_peft_model,
 )
+from peftkit.prompt import PromptLearningConfig
+from peftkit.quantization import prepare_model_for_int8_training, prepare_model_for_kbit_training
 from peftkit.registry import register_method, registered_methods
 from peftkit.tuner import BaseTuner
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraModel",
+    "AdapterFusionConfig",
     "AdapterLayer",
     "BaseTuner",
     "BitFitConfig",
     "BitFitModel",
+    "BottleneckConfig",
+    "BottleneckModel",
     "FreezeConfig",
     "FreezeModel",
     "HeadOnlyConfig",
@@ -39,6 +57,9 @@ __all__ = [
     "LoraConfig",
     "LoraModel",
     "ModulesToSaveWrapper",
+    "PTuningV2Config",
+    "PTuningV2Model",
+    "Parallel",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
@@ -48,10 +69,21 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PrefixTuningConfig",
+    "PrefixTuningModel",
+    "PromptEncoderConfig",
+    "PromptEncoderModel",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "PromptTuningModel",
     "TaskType",
     "__version__",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "prepare_model_for_int8_training",
+    "prepare_model_for_kbit_training",
     "register_method",
     "registered_methods",
     "set_peft_model_state_dict",

@@ -166,7 +166,9 @@ def expand(spec: BenchSpec) -> list[BenchRun]:
 
 
 # ----------------------------------------------------------------------------------- the parent
-def run_bench(spec: BenchSpec, dry_run: bool = False) -> list[dict[str, Any]]:
+def run_bench(spec: BenchSpec, dry_run: bool = False, resume: bool = False) -> list[dict[str, Any]]:
+    """Run every grid point; with ``resume``, a run whose folder already holds a result for the same
+    config is reused instead of run again."""
     runs = expand(spec)
     print(f"bench: {len(runs)} runs -> {spec.output_dir}")
     if dry_run:
@@ -180,7 +182,19 @@ def run_bench(spec: BenchSpec, dry_run: bool = False) -> list[dict[str, Any]]:
         os.makedirs(run_dir, exist_ok=True)
         config_path = os.path.join(run_dir, "bench_run.yaml")
         result_path = os.path.join(run_dir, "bench_result.json")
-        atomic_write_text(config_path, yaml.safe_dump(run.raw, sort_keys=False))
+        config_text = yaml.safe_dump(run.raw, sort_keys=False)
+        reusable = resume and os.path.isfile(result_path) and _read(config_path) == config_text
+        row: dict[str, Any] = {"run": run.run_id, **run.axes}
+        if reusable:
+            with open(result_path, encoding="utf-8") as f:
+                row.update(json.load(f))
+            row["status"] = "ok"
+            _choose_metric(row, spec)
+            print(f"[{index}/{len(runs)}] {run.run_id}: reused\n    {_row_line(row)}", flush=True)
+            rows.append(row)
+            write_results(spec.output_dir, rows)
+            continue
+        atomic_write_text(config_path, config_text)
         if os.path.exists(result_path):
             os.remove(result_path)
         print(f"[{index}/{len(runs)}] {run.run_id} ...", flush=True)
@@ -203,22 +217,34 @@ def run_bench(spec: BenchSpec, dry_run: bool = False) -> list[dict[str, Any]]:
                 returncode = process.returncode
             except subprocess.TimeoutExpired:
                 returncode = -1
-        row: dict[str, Any] = {"run": run.run_id, **run.axes, "wall_seconds": time.perf_counter() - started}
+        wall_seconds = time.perf_counter() - started
         if returncode == 0 and os.path.isfile(result_path):
             with open(result_path, encoding="utf-8") as f:
                 row.update(json.load(f))
             row["status"] = "ok"
-            metrics = row["metrics"]
-            name = spec.metric or next((m for m in MAIN_METRIC if m in metrics), None)
-            row["metric_name"], row["metric"] = name, metrics.get(name)
+            _choose_metric(row, spec)
         else:
             row["status"] = "failed" if returncode != -1 else "timeout"
             row["error"] = _last_error_line(os.path.join(run_dir, "bench.log"))
+        row["wall_seconds"] = wall_seconds
         print(f"    {_row_line(row)}", flush=True)
         rows.append(row)
         write_results(spec.output_dir, rows)
     print(f"results: {os.path.join(spec.output_dir, 'results.md')} (and .csv, .jsonl, .png)")
     return rows
+
+
+def _read(path: str) -> str | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _choose_metric(row: dict[str, Any], spec: BenchSpec) -> None:
+    metrics = row["metrics"]
+    name = spec.metric or next((m for m in MAIN_METRIC if m in metrics), None)
+    row["metric_name"], row["metric"] = name, metrics.get(name)
 
 
 def _last_error_line(path: str) -> str:

@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("spec", help="a bench spec YAML (see examples/bench_sst2.yaml)")
     bench.add_argument("--only", help="comma-separated method names of the spec to run")
     bench.add_argument("--dry-run", action="store_true", help="check the spec and list the runs")
+    bench.add_argument("--resume", action="store_true", help="reuse finished runs of the same config")
+    bench.add_argument("--seeds", help="comma-separated seeds, replacing the spec's")
 
     inspect = sub.add_parser("inspect", help="describe a saved adapter folder")
     inspect.add_argument("folder", help="a folder written by save_pretrained (peftkit or HF PEFT)")
@@ -207,7 +209,12 @@ def _bench(args: argparse.Namespace) -> int:
     from peftkit.bench import load_spec, run_bench
 
     spec = load_spec(args.spec, args.only.split(",") if args.only else None)
-    rows = run_bench(spec, dry_run=args.dry_run)
+    if args.seeds:
+        try:
+            spec.seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"--seeds {args.seeds!r} must be comma-separated integers.") from None
+    rows = run_bench(spec, dry_run=args.dry_run, resume=args.resume)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 

@@ -112,7 +112,16 @@ def _load_hf_dataset(data: DataSection) -> tuple[list[Row], list[Row]]:
         import datasets
     except ImportError:
         raise RunConfigError("data.dataset needs the `datasets` package: pip install datasets.") from None
-    loaded = datasets.load_dataset(data.dataset, data.dataset_config)
+    try:
+        loaded = datasets.load_dataset(data.dataset, data.dataset_config)
+    except Exception as err:  # the datasets library raises many types (hub, network, file format)
+        raise RunConfigError(
+            f"data.dataset {data.dataset!r} could not be loaded ({type(err).__name__}: {err})."
+        ) from None
+    if "train" not in loaded:
+        raise RunConfigError(
+            f"data.dataset {data.dataset!r} has no train split; splits: {', '.join(loaded)}."
+        )
     train_rows = [dict(r) for r in loaded["train"]]
     split = next((s for s in ("validation", "dev", "test") if s in loaded), None)
     validation_rows = [dict(r) for r in loaded[split]] if split and data.validation_split == 0 else []

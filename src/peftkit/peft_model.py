@@ -92,7 +92,7 @@ class PeftModel(nn.Module):
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         with self.base_model.batch_adapter_names(adapter_names):
-            return self.base_model.model.generate(*args, **kwargs)
+            return self.base_model.generate(*args, **kwargs)  # the model's own unless the tuner adds to it
 
     # ---------------------------------------------------------------------- adapter management
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, **_: Any) -> None:
@@ -106,7 +106,8 @@ class PeftModel(nn.Module):
             reserved=self.base_model.reserved_names(),
         )
         current = str(self.active_peft_config.peft_type)
-        if str(peft_config.peft_type) != current:
+        # methods registered with the same tuner share its layers (AdapterFusion next to bottleneck adapters)
+        if str(peft_config.peft_type) != current and not _same_tuner(peft_config, self.base_model):
             raise ValueError(
                 f"This model's adapters are {current}; a {peft_config.peft_type} adapter cannot be added to it."
             )
@@ -202,7 +203,7 @@ class PeftModel(nn.Module):
     def _saved_config_fields(self, adapter_name: str) -> dict[str, Any]:
         """Values recorded in the saved config (the in-memory config is left as the user made it)."""
         config = self.peft_config[adapter_name]
-        fields: dict[str, Any] = {"inference_mode": True}
+        fields: dict[str, Any] = {"inference_mode": True, **self.base_model.saved_config_fields(adapter_name)}
         if config.base_model_name_or_path is None:
             base = self.get_base_model()
             name = getattr(base, "name_or_path", None) or getattr(
@@ -302,6 +303,14 @@ TASK_TO_PEFT_MODEL: dict[str, type[PeftModel]] = {
     TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
     TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
 }
+
+
+def _same_tuner(config: PeftConfig, tuner: BaseTuner) -> bool:
+    """Whether ``config``'s method is registered with the tuner class that already wraps the model."""
+    try:
+        return get_method(str(config.peft_type)).tuner_cls is type(tuner)
+    except KeyError:
+        return False
 
 
 def get_peft_model(

@@ -27,7 +27,10 @@ from torch import nn
 
 from peftkit.config import PeftConfig
 from peftkit.layer import AdapterLayer, ModulesToSaveWrapper
+from peftkit.quantization import dequantized_linear, forget_quantization, is_quantized_module
 from peftkit.targeting import find_target_names, name_matches
+
+SAVED_PREFIX = "base_model.model."  # on-disk names of adapter tensors start with this (HF PEFT's layout)
 
 
 def split_module_name(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
@@ -41,8 +44,7 @@ def is_quantized_layer(module: nn.Module) -> bool:
     """A bitsandbytes 4-bit or 8-bit linear (its weight holds packed integers, not the float matrix)."""
     if isinstance(module, AdapterLayer):
         module = module.get_base_layer()
-    weight = getattr(module, "weight", None)
-    return type(weight).__name__ in ("Params4bit", "Int8Params")
+    return is_quantized_module(module)
 
 
 @dataclass
@@ -148,6 +150,22 @@ class BaseTuner(nn.Module):
                 continue
             modules.append((name, module))
         return modules
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under their on-disk names (``base_model.model.`` + the parameter map's keys).
+        A method whose file holds something other than its parameters (a soft prompt saves its encoder's
+        output) overrides this and :meth:`adapter_load_targets`."""
+        return {SAVED_PREFIX + key: p.detach() for key, p in self.adapter_parameter_map(adapter_name).items()}
+
+    def adapter_load_targets(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """On-disk name -> the parameter a loaded tensor is copied into (the inverse of
+        :meth:`adapter_state_dict`)."""
+        return {SAVED_PREFIX + key: p for key, p in self.adapter_parameter_map(adapter_name).items()}
+
+    def saved_config_fields(self, adapter_name: str) -> dict[str, Any]:
+        """Values derived from the model that the saved ``adapter_config.json`` records (the in-memory
+        config stays as the user wrote it)."""
+        return {}
 
     # ------------------------------------------------------------------------------- plumbing
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -413,23 +431,27 @@ class BaseTuner(nn.Module):
         """Fold adapters into the base weights; with ``safe_merge`` a NaN/inf result changes nothing."""
         # Merging replaces each base weight (and bias) tensor (out of place), so keeping the old tensors
         # makes the rollback exact (no (W + Δ) - Δ rounding) and free.
+        # A quantized base gets a new weight parameter object, so the objects are kept too.
         before = [
             (
                 layer,
-                {n: p.data for n, p in layer.get_base_layer().named_parameters(recurse=False)},
+                {n: (p, p.data) for n, p in layer.get_base_layer().named_parameters(recurse=False)},
                 list(layer.merged_adapters),
+                list(layer._weight_before_merge),
             )
             for _, layer in self.adapter_layers()
         ]
         try:
-            for layer, _, _ in before:
+            for layer, _, _, _ in before:
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
         except BaseException:
-            for layer, tensors, merged in before:
+            for layer, tensors, merged, weight_before_merge in before:
                 base = layer.get_base_layer()
-                for name, tensor in tensors.items():
-                    getattr(base, name).data = tensor
+                for name, (param, tensor) in tensors.items():
+                    setattr(base, name, param)
+                    param.data = tensor
                 layer.merged_adapters = merged
+                layer._weight_before_merge[:] = weight_before_merge
             raise
         # An in-place adapter's values already live in the model: merging it is the identity.
         for name in self.active_adapters if adapter_names is None else adapter_names:
@@ -448,11 +470,57 @@ class BaseTuner(nn.Module):
             selection.merged = False
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Sequence[str] | None = None,
+        requantize: bool = False,
     ) -> nn.Module:
-        """Merge the active (or given) adapters and return the plain base model."""
-        self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
-        return self.unload()
+        """Merge the active (or given) adapters and return the plain base model.
+
+        On a quantized (bitsandbytes 4-bit / 8-bit) base, every quantized linear of the model is first
+        replaced by a full-precision ``nn.Linear`` holding its dequantized weight, and the adapters are
+        merged into that: the result computes exactly what the unmerged adapter model did (up to float
+        rounding) and is a plain float model. ``requantize=True`` instead quantizes each merged weight
+        again (small, quantized, but off by the rounding of the second quantization).
+        """
+        restore: list[tuple[nn.Module, str, nn.Module]] = []
+        remerged: list[AdapterLayer] = []
+        if not requantize:
+            restore, remerged = self._dequantize_quantized_layers()
+        try:
+            self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        except BaseException:
+            for parent, attr, module in reversed(restore):
+                setattr(parent, attr, module)
+            for layer in remerged:  # their original quantized weights are back: unmerged
+                layer.merged_adapters = []
+            raise
+        model = self.unload()
+        if restore:
+            forget_quantization(model)
+        return model
+
+    def _dequantize_quantized_layers(
+        self,
+    ) -> tuple[list[tuple[nn.Module, str, nn.Module]], list[AdapterLayer]]:
+        """Replace each quantized linear by a full-precision copy (an adapter layer merged into a
+        quantized weight is unmerged first and merged again after); ``(parent, name, original)`` for undo
+        and the layers merged again."""
+        remerge = []
+        for _, layer in self.adapter_layers():
+            if layer.merged and layer.base_is_quantized:
+                remerge.append((layer, list(layer.merged_adapters)))
+                layer.unmerge()
+        replaced = []
+        for name, module in list(self.model.named_modules()):
+            if is_quantized_layer(module) and not isinstance(module, AdapterLayer):
+                parent, attr, _ = split_module_name(self.model, name)
+                setattr(parent, attr, dequantized_linear(module))
+                replaced.append((parent, attr, module))
+        for layer, names in remerge:
+            layer.merge(adapter_names=names)
+        return replaced, [layer for layer, _ in remerge]
 
     def unload(self) -> nn.Module:
         """Remove every adapter layer without merging (merged weights stay) and return the base model.
