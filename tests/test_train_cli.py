@@ -253,7 +253,16 @@ def test_merge_writes_a_plain_model_with_the_adapter_folded_in(tmp_path, tokeniz
 
 
 def test_generate_prints_the_adapted_models_greedy_continuation(tmp_path, tokenizer_dir, capsys):
-    config = instruction_config(tmp_path, tokenizer_dir, max_steps=4, eval_before=False, lr=5e-2)
+    # a BERT-style tokenizer that also returns token_type_ids, which a causal LM's generate() refuses
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "bert_style")
+    settings_file = tmp_path / "bert_style" / "tokenizer_config.json"
+    settings = json.loads(settings_file.read_text())
+    settings["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+    settings_file.write_text(json.dumps(settings))
+    assert "token_type_ids" in AutoTokenizer.from_pretrained(tmp_path / "bert_style")("a b")
+    config = instruction_config(
+        tmp_path, str(tmp_path / "bert_style"), max_steps=4, eval_before=False, lr=5e-2
+    )
     assert main(["train", write_config(tmp_path / "run.yaml", config)]) == 0
     run = Path(config["output_dir"])
     capsys.readouterr()
@@ -261,7 +270,7 @@ def test_generate_prints_the_adapted_models_greedy_continuation(tmp_path, tokeni
     printed = capsys.readouterr().out.strip()
     tokenizer = AutoTokenizer.from_pretrained(run / "base_model")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base_model"), run).eval()
-    inputs = tokenizer("name a colour", return_tensors="pt")
+    inputs = tokenizer("name a colour", return_tensors="pt", return_token_type_ids=False)
     output = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert (
         printed

@@ -333,6 +333,7 @@ def _generate(args: argparse.Namespace) -> int:
     model, tokenizer = _load_adapted(args.adapter, args.base, task)
     prompt = alpaca_prompt(args.prompt) if args.template == "alpaca" else args.prompt
     inputs = tokenizer(prompt, return_tensors="pt")
+    inputs.pop("token_type_ids", None)  # BERT-style tokenizers add them; generative models take none
     torch.manual_seed(args.seed)
     sampling = args.temperature > 0
     with torch.no_grad():
