@@ -439,3 +439,33 @@ def test_a_datasets_name_or_folder_is_read_through_the_datasets_library(tmp_path
     assert train_rows == rows[:20] and validation_rows == rows[20:30]
     with pytest.raises(RunConfigError, match="could not be loaded"):
         load_splits(DataSection(dataset=str(tmp_path / "nothing-here")), seed=0)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw", "paged_adamw_8bit"])
+def test_bitsandbytes_optimizers_are_wired_with_the_run_hyperparameters(tmp_path, tokenizer_dir, optimizer):
+    """The tiny adapter's tensors are below bitsandbytes' 8-bit threshold, where its AdamW keeps 32-bit
+    states: one step must then equal torch's AdamW with the same lr, betas, eps and weight decay."""
+    pytest.importorskip("bitsandbytes")
+    results = {}
+    for name in ("adamw", optimizer):
+        folder = tmp_path / name
+        config = classification_config(
+            folder,
+            tokenizer_dir,
+            max_steps=1,
+            optimizer=name,
+            scheduler="constant",
+            lr=0.05,
+            weight_decay=0.1,
+            adam_beta1=0.8,
+            adam_epsilon=1e-6,
+            max_grad_norm=None,
+            eval_before=False,
+        )
+        config["method"]["lora_dropout"] = 0.0
+        config["data"]["max_eval_samples"] = 4
+        folder.mkdir()
+        assert main(["train", write_config(folder / "run.yaml", config)]) == 0
+        results[name] = adapter_tensors(Path(config["output_dir"]))
+    assert max_difference(results["adamw"], results[optimizer]) < 1e-6
+    assert max(float(t.abs().max()) for k, t in results[optimizer].items() if "lora_B" in k) > 1e-3

@@ -102,7 +102,8 @@ class TrainSection:
     eval_batch_size: int = 32
     gradient_accumulation_steps: int = 1
     lr: float = 2e-4
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    # adamw_8bit / paged_adamw / paged_adamw_8bit: bitsandbytes' optimizers (8-bit states, paged memory)
+    optimizer: Literal["adamw", "adam", "sgd", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999

@@ -247,6 +247,16 @@ def wrap_for_processes(model: nn.Module, group: ProcessGroup, fsdp: bool) -> nn.
 
 
 # ------------------------------------------------------------------------------------ optimisation
+# bitsandbytes' AdamW variants (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"; paged
+# states move to CPU memory under GPU memory pressure, as in QLoRA). Tensors below bitsandbytes'
+# min_8bit_size (4096 elements) keep 32-bit states.
+BNB_OPTIMIZERS = {
+    "adamw_8bit": "AdamW8bit",
+    "paged_adamw": "PagedAdamW",
+    "paged_adamw_8bit": "PagedAdamW8bit",
+}
+
+
 def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     """AdamW/Adam/SGD over the trainable parameters; weight decay on matrices only (not on biases,
     norms or DoRA magnitudes), as the HF Trainer does."""
@@ -264,6 +274,15 @@ def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer
         raise RunConfigError("the method left no trainable parameters.")
     if train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train.lr)
+    if train.optimizer in BNB_OPTIMIZERS:
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise RunConfigError(
+                f"train.optimizer {train.optimizer} needs bitsandbytes: pip install 'peftkit[quant]'."
+            ) from None
+        cls = getattr(bitsandbytes.optim, BNB_OPTIMIZERS[train.optimizer])
+        return cls(groups, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon)
     cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon)
 
