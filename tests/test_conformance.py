@@ -322,6 +322,25 @@ CASES += [
     ),
 ]
 
+# Adaption prompts (LLaMA-Adapter): gated prompts in the top attention layers; a zero gate makes a fresh
+# adapter the identity. Not mergeable (the prompt term depends on the queries).
+CASES += [
+    Case(
+        "adaption-prompt-llama-gqa",
+        "ADAPTION_PROMPT",
+        tiny_llama,
+        lambda: peftkit.AdaptionPromptConfig(adapter_len=3, adapter_layers=2),
+        mergeable=False,
+    ),
+    Case(
+        "adaption-prompt-llama-top1-causal-lm",
+        "ADAPTION_PROMPT",
+        tiny_llama,
+        lambda: peftkit.AdaptionPromptConfig(adapter_len=2, adapter_layers=1, task_type="CAUSAL_LM"),
+        mergeable=False,
+    ),
+]
+
 
 def _output(model: nn.Module, case: Case) -> torch.Tensor:
     with torch.no_grad():

@@ -8,6 +8,7 @@ from peftkit.checkpoint import get_peft_model_state_dict, set_peft_model_state_d
 from peftkit.config import PeftConfig, PeftType, TaskType
 from peftkit.layer import AdapterLayer, ModulesToSaveWrapper
 from peftkit.methods.adalora import AdaLoraConfig, AdaLoraModel
+from peftkit.methods.adaption_prompt import AdaptionPromptConfig
 from peftkit.methods.bitfit import BitFitConfig, BitFitModel
 from peftkit.methods.bottleneck import BottleneckConfig, BottleneckModel, Parallel
 from peftkit.methods.freeze import FreezeConfig, FreezeModel, HeadOnlyConfig
@@ -44,6 +45,7 @@ __all__ = [
     "AdaLoraModel",
     "AdapterFusionConfig",
     "AdapterLayer",
+    "AdaptionPromptConfig",
     "BaseTuner",
     "BitFitConfig",
     "BitFitModel",

@@ -127,6 +127,8 @@ class PromptTable(nn.Module):
 class PromptTuner(BaseTuner):
     """Generic tuner of the soft-prompt placement; methods set ``placement`` and ``build_encoder``."""
 
+    can_merge = False  # virtual tokens / prefixes have no weight to fold into
+
     #: ``"input_embeddings"`` (prepended to the token embeddings) or ``"attention_prefix"`` (prepended to
     #: every attention layer's keys and values through the cache)
     placement: ClassVar[str] = INPUT_EMBEDDINGS

@@ -77,6 +77,8 @@ class BaseTuner(nn.Module):
     layer_cls: type[AdapterLayer] = AdapterLayer
     #: whether the method's layers handle bitsandbytes' quantized linears (4-bit / 8-bit weights)
     supports_quantized_layers: bool = False
+    #: whether the method's adapters fold into the base weights (merge_adapter / merge_and_unload)
+    can_merge: bool = True
 
     def __init__(
         self,

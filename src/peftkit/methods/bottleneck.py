@@ -367,7 +367,7 @@ def _tap_input(layer: BottleneckLayer, module: nn.Module, args: tuple, kwargs: d
 
 def mergeable_methods() -> list[str]:
     """Registered methods whose adapters can be merged into the base weights."""
-    return [m for m in registered_methods() if getattr(get_method(m).tuner_cls, "can_merge", True)]
+    return [m for m in registered_methods() if get_method(m).tuner_cls.can_merge]
 
 
 class BottleneckModel(BaseTuner):
