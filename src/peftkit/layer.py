@@ -362,3 +362,21 @@ class ModulesToSaveWrapper(nn.Module):
             if active is not None and active in modules["modules_to_save"]:
                 return getattr(modules["modules_to_save"][active], name)
             return getattr(modules["original_module"], name)
+
+
+def linear_fan_in_fan_out(base: nn.Module, target_name: str, requested: bool) -> bool | None:
+    """The weight layout of a linear-like layer: ``False`` for ``nn.Linear`` (out × in; a requested
+    ``fan_in_fan_out=True`` is corrected with a warning), ``True`` for GPT-2's ``Conv1D`` (in × out), and
+    ``None`` for any other layer."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(base, nn.Linear):
+        if requested:
+            warnings.warn(
+                f"fan_in_fan_out=True but {target_name} is nn.Linear (weight stored out × in); using False.",
+                stacklevel=5,
+            )
+        return False
+    if isinstance(base, Conv1D):
+        return True
+    return None

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.config import PeftConfig, PeftType
-from peftkit.layer import AdapterLayer
+from peftkit.layer import AdapterLayer, linear_fan_in_fan_out
 from peftkit.registry import register_method
 from peftkit.tuner import BaseTuner
 
@@ -413,17 +413,9 @@ class IA3Model(BaseTuner):
 
 
 def _new_ia3_layer(base: nn.Module, target: nn.Module, target_name: str, config: IA3Config) -> IA3Layer:
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(base, nn.Linear):
-        if config.fan_in_fan_out:
-            warnings.warn(
-                f"fan_in_fan_out=True but {target_name} is nn.Linear (weight stored out × in); using False.",
-                stacklevel=4,
-            )
-        return Linear(target, fan_in_fan_out=False)
-    if isinstance(base, Conv1D):
-        return Linear(target, fan_in_fan_out=True)
+    fan_in_fan_out = linear_fan_in_fan_out(base, target_name, config.fan_in_fan_out)
+    if fan_in_fan_out is not None:
+        return Linear(target, fan_in_fan_out=fan_in_fan_out)
     if isinstance(base, (nn.Conv2d, nn.Conv3d)):
         return Conv(target)
     raise ValueError(

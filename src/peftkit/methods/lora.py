@@ -27,7 +27,6 @@ Parameter names and the checkpoint format are HF PEFT's.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.config import PeftConfig, PeftType
-from peftkit.layer import AdapterLayer
+from peftkit.layer import AdapterLayer, linear_fan_in_fan_out
 from peftkit.merge import combine_cat, combine_linear, combine_svd
 from peftkit.registry import register_method
 from peftkit.targeting import per_module_value
@@ -636,17 +635,9 @@ def _combine_into(
 
 
 def _new_lora_layer(base: nn.Module, target: nn.Module, target_name: str, config: LoraConfig) -> LoraLayer:
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(base, nn.Linear):
-        if config.fan_in_fan_out:
-            warnings.warn(
-                f"fan_in_fan_out=True but {target_name} is nn.Linear (weight stored out × in); using False.",
-                stacklevel=4,
-            )
-        return Linear(target, fan_in_fan_out=False)
-    if isinstance(base, Conv1D):
-        return Linear(target, fan_in_fan_out=True)
+    fan_in_fan_out = linear_fan_in_fan_out(base, target_name, config.fan_in_fan_out)
+    if fan_in_fan_out is not None:
+        return Linear(target, fan_in_fan_out=fan_in_fan_out)
     if isinstance(base, nn.Embedding):
         return Embedding(target)
     if isinstance(base, nn.Conv2d):
