@@ -9,6 +9,7 @@ them:
 
 * ``peftkit``: ``peftkit.get_peft_model`` with ``peftkit.LoraConfig``.
 * ``hf_peft``: ``peft.get_peft_model`` with ``peft.LoraConfig`` (the reference implementation).
+* ``peftkit-dora`` / ``hf_peft-dora``: the same with ``use_dora=True`` (DoRA's overhead over LoRA).
 * ``frozen``: the plain model, every parameter frozen, but the input embeddings' output requires grad
   (``enable_input_require_grads``). Backward therefore still runs through every layer and computes every
   activation gradient, exactly the work LoRA cannot avoid, but no weight gradient, no adapter matmul and no
@@ -36,8 +37,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("peftkit", "hf_peft", "frozen")
+VARIANTS = ("peftkit", "hf_peft", "frozen", "peftkit-dora", "hf_peft-dora")
+DEFAULT_VARIANTS = ("peftkit", "hf_peft", "frozen")
 BATCH, SEQ_LEN = 4, 256
+RATIOS = (
+    ("peftkit", "hf_peft"),
+    ("peftkit", "frozen"),
+    ("hf_peft", "frozen"),
+    ("peftkit-dora", "hf_peft-dora"),
+    ("peftkit-dora", "peftkit"),
+    ("hf_peft-dora", "hf_peft"),
+)
 SRC_DIR = Path(__file__).resolve().parent.parent / "src"
 
 
@@ -58,14 +68,15 @@ def build_model(variant: str) -> Any:
         model.requires_grad_(False)
         model.enable_input_require_grads()
         return model.train()
-    if variant == "peftkit":
+    library, _, flavour = variant.partition("-")
+    if library == "peftkit":
         sys.path.insert(0, str(SRC_DIR))  # benchmark the checkout, installed or not
         from peftkit import LoraConfig, get_peft_model
-    elif variant == "hf_peft":
+    elif library == "hf_peft":
         from peft import LoraConfig, get_peft_model
     else:
         raise ValueError(f"unknown variant {variant!r}")
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=flavour == "dora")
     return get_peft_model(model, lora).train()
 
 
@@ -112,6 +123,47 @@ def run_child(variant: str, threads: int, warmup: int, steps: int) -> dict[str, 
     }
 
 
+def run_paired(variants: list[str], threads: int, warmup: int, steps: int) -> dict[str, Any]:
+    """All variants in this one process, their steps interleaved (A, B, C, A, B, C, ...).
+
+    Load from other processes changes over seconds; interleaving step by step exposes every variant to
+    the same conditions, so the per-round ratios are far steadier than ratios of separate runs. Memory is
+    not measured here (the models share one process): use the separate-process mode for that.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    input_ids = torch.randint(0, 8000, (BATCH, SEQ_LEN))
+    steps_by_variant = {}
+    for variant in variants:
+        torch.manual_seed(0)
+        model = build_model(variant)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+
+        def step(model: Any = model, optimizer: Any = optimizer) -> None:
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+            loss.backward()
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        steps_by_variant[variant] = step
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for round_ in range(warmup + steps):
+        for variant, step in steps_by_variant.items():
+            start = time.perf_counter()
+            step()
+            if round_ >= warmup:
+                times[variant].append(time.perf_counter() - start)
+    ratios = {}
+    for num, den in RATIOS:
+        if num in times and den in times:
+            per_round = [a / b for a, b in zip(times[num], times[den])]
+            ratios[f"{num} / {den}"] = statistics.median(per_round)
+    return {"median_s": {v: statistics.median(t) for v, t in times.items()}, "ratios": ratios, "times": times}
+
+
 def spawn(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one variant in a fresh interpreter; never raises, a failure is returned as ``{"error": ...}``."""
     cmd = [sys.executable, __file__, "--variant", variant, "--threads", str(args.threads)]
@@ -148,15 +200,29 @@ def ratio(summary: dict[str, dict[str, Any]], num: str, den: str) -> float | Non
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: run as the child
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds over the variants")
     parser.add_argument("--json", type=Path, help="write all results to this file")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="time all variants in one process, steps interleaved (steadier ratios, no memory column)",
+    )
     args = parser.parse_args()
 
+    if args.paired:
+        result = run_paired(args.variants, args.threads, args.warmup, args.steps)
+        for variant, median in result["median_s"].items():
+            print(f"{variant:<13} median step {median:.3f} s")
+        for name, value in result["ratios"].items():
+            print(f"{name:<28} {value:.3f}  (median of per-round ratios)")
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return
     if args.variant:
         print(json.dumps(run_child(args.variant, args.threads, args.warmup, args.steps)), flush=True)
         return
@@ -167,23 +233,20 @@ def main() -> None:
             print(f"[round {round_ + 1}/{args.repeats}] {variant} ...", file=sys.stderr, flush=True)
             runs.append(spawn(variant, args))
     summary = {v: summarize([run for run in runs if run["variant"] == v]) for v in args.variants}
-    ratios = {
-        f"{num} / {den}": ratio(summary, num, den)
-        for num, den in (("peftkit", "hf_peft"), ("peftkit", "frozen"), ("hf_peft", "frozen"))
-    }
+    ratios = {f"{num} / {den}": ratio(summary, num, den) for num, den in RATIOS}
 
-    print(f"{'variant':<10} {'median step s':>14} {'min step s':>11} {'peak RSS MiB':>13} {'trainable':>11}")
+    print(f"{'variant':<13} {'median step s':>14} {'min step s':>11} {'peak RSS MiB':>13} {'trainable':>11}")
     for variant, s in summary.items():
         if "error" in s:
-            print(f"{variant:<10} FAILED: {s['error']}")
+            print(f"{variant:<13} FAILED: {s['error']}")
         else:
             print(
-                f"{variant:<10} {s['median_s']:>14.3f} {s['min_s']:>11.3f} "
+                f"{variant:<13} {s['median_s']:>14.3f} {s['min_s']:>11.3f} "
                 f"{s['peak_rss_mib']:>13.0f} {s['trainable_params']:>11,}"
             )
     for name, value in ratios.items():
         if value is not None:
-            print(f"{name:<18} {value:.3f}")
+            print(f"{name:<28} {value:.3f}")
 
     if args.json:
         env: dict[str, Any] = {"python": platform.python_version(), "cpu_count": os.cpu_count()}

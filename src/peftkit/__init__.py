@@ -6,6 +6,7 @@ model = get_peft_model(base_model, LoraConfig(r=8, target_modules="all-linear"))
 
 from peftkit.checkpoint import get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.config import PeftConfig, PeftType, TaskType
+from peftkit.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from peftkit.layer import AdapterLayer, ModulesToSaveWrapper
 from peftkit.methods.adalora import AdaLoraConfig, AdaLoraModel
 from peftkit.methods.adaption_prompt import AdaptionPromptConfig
@@ -84,6 +85,8 @@ __all__ = [
     "__version__",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "hotswap_adapter",
+    "prepare_model_for_compiled_hotswap",
     "prepare_model_for_int8_training",
     "prepare_model_for_kbit_training",
     "register_method",

@@ -164,6 +164,22 @@ class BaseTuner(nn.Module):
         :meth:`adapter_state_dict`)."""
         return {SAVED_PREFIX + key: p for key, p in self.adapter_parameter_map(adapter_name).items()}
 
+    def hotswap_tensor(self, key: str, param: nn.Parameter, tensor: torch.Tensor) -> torch.Tensor:
+        """The value that checkpoint tensor ``key`` takes when hot-swapped into ``param`` (see
+        :func:`peftkit.hotswap.hotswap_adapter`): the tensor itself, which must have ``param``'s shape. A
+        method that can fit other shapes (LoRA pads smaller ranks with zeros) overrides this.
+
+        Raises:
+            ValueError: the tensor cannot take ``param``'s place.
+        """
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(param.shape)}")
+        return tensor
+
+    def after_hotswap(self, adapter_name: str, config: PeftConfig) -> None:
+        """Adopt the hot-swapped adapter's config (a method recomputes settings derived from it here)."""
+        self.peft_config[adapter_name] = config
+
     def saved_config_fields(self, adapter_name: str) -> dict[str, Any]:
         """Values derived from the model that the saved ``adapter_config.json`` records (the in-memory
         config stays as the user wrote it)."""
@@ -196,10 +212,19 @@ class BaseTuner(nn.Module):
         return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
 
     def adapter_layers(self) -> list[tuple[str, AdapterLayer]]:
-        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, AdapterLayer)]
+        return self._walk(AdapterLayer)
 
     def save_wrappers(self) -> list[tuple[str, ModulesToSaveWrapper]]:
-        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+        return self._walk(ModulesToSaveWrapper)
+
+    def _walk(self, kind: type) -> list:
+        cache = self.__dict__.get("_module_walk")
+        if cache is not None and kind in cache:
+            return cache[kind]
+        found = [(n, m) for n, m in self.model.named_modules() if isinstance(m, kind)]
+        if cache is not None:
+            cache[kind] = found
+        return found
 
     # ------------------------------------------------------------------------------- injection
     def inject_adapter(self, adapter_name: str) -> None:
@@ -299,18 +324,34 @@ class BaseTuner(nn.Module):
             raise ValueError(
                 f"Unknown adapter(s) {unknown or names}; this model has {list(self.peft_config)}."
             )
-        for _, wrapper in self.save_wrappers():
-            wrapper.set_adapter(names)  # may raise before anything changes elsewhere
-        for _, layer in self.adapter_layers():
-            layer.set_adapter(names)
-        self.active_adapters = names
-        self._update_requires_grad()
+        with self.module_walk_cached():
+            for _, wrapper in self.save_wrappers():
+                wrapper.set_adapter(names)  # may raise before anything changes elsewhere
+            for _, layer in self.adapter_layers():
+                layer.set_adapter(names)
+            self.active_adapters = names
+            self._update_requires_grad()
 
     def _update_requires_grad(self) -> None:
-        for name in self.peft_config:
-            trainable = name in self.active_adapters and not self.peft_config[name].inference_mode
-            for param in self.adapter_parameter_map(name).values():
-                param.requires_grad_(trainable)
+        with self.module_walk_cached():
+            for name in self.peft_config:
+                trainable = name in self.active_adapters and not self.peft_config[name].inference_mode
+                for param in self.adapter_parameter_map(name).values():
+                    param.requires_grad_(trainable)
+
+    @contextlib.contextmanager
+    def module_walk_cached(self) -> Iterator[None]:
+        """Inside the block :meth:`adapter_layers` and :meth:`save_wrappers` walk the model once and reuse
+        the result (switching adapters on a model with many of them would otherwise walk it once per
+        adapter). Nothing may add or remove adapter modules inside the block."""
+        if self.__dict__.get("_module_walk") is not None:
+            yield
+            return
+        self.__dict__["_module_walk"] = {}
+        try:
+            yield
+        finally:
+            self.__dict__["_module_walk"] = None
 
     def adapter_parameter_map(self, adapter_name: str) -> dict[str, nn.Parameter]:
         """Every parameter adapter ``adapter_name`` owns, keyed by its on-disk name relative to

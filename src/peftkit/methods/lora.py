@@ -38,9 +38,10 @@ from torch import nn
 from peftkit.config import PeftConfig, PeftType
 from peftkit.layer import AdapterLayer, linear_fan_in_fan_out
 from peftkit.merge import combine_cat, combine_linear, combine_svd
+from peftkit.methods.lora_ops import LoraLinearFunction
 from peftkit.registry import register_method
 from peftkit.targeting import per_module_value
-from peftkit.tuner import BaseTuner
+from peftkit.tuner import SAVED_PREFIX, BaseTuner
 
 InitKind = bool | Literal["gaussian", "pissa", "olora"] | str
 
@@ -276,6 +277,41 @@ class LoraLayer(AdapterLayer):
         return weight
 
 
+def _fusable_bases() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+_FUSABLE_BASES = _fusable_bases()
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Forward hooks that the fused kernel would skip (it does not call ``module``)."""
+    from torch.nn.modules import module as module_globals
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module_globals._global_forward_hooks
+        or module_globals._global_forward_pre_hooks
+    )
+
+
+def _with_rank(param: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
+    """A tensor shaped like ``param`` but with ``rank`` along ``dim`` (only its shape is read)."""
+    shape = list(param.shape)
+    shape[dim] = rank
+    return param.new_empty(shape)
+
+
+def _same_key(old: tuple, new: tuple) -> bool:
+    """Equal keys of :meth:`Linear._stacked_factors`: the same tensor objects, versions and values."""
+    return len(old) == len(new) and all(
+        all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(o, n)) for o, n in zip(old, new)
+    )
+
+
 class Linear(LoraLayer):
     """LoRA on ``nn.Linear`` or on GPT-2's ``Conv1D`` (weight stored ``(in, out)``: ``fan_in_fan_out``)."""
 
@@ -287,6 +323,10 @@ class Linear(LoraLayer):
         else:
             out_features, in_features = base.weight.shape[::-1] if fan_in_fan_out else base.weight.shape
         self.in_features, self.out_features = in_features, out_features
+        # DoRA: ‖wᵢ‖² of the frozen base rows, keyed by the weight's identity and version
+        self._weight_row_sq_norms: tuple[tuple, torch.Tensor] | None = None
+        # the stacked factors of the last mixed-adapter batch: (key, (A_stack, B_stack)), see _stacked_factors
+        self._stack_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _base_weight_out_in(self) -> torch.Tensor:
         """The base weight as ``(out, in)`` (dequantized for a quantized base)."""
@@ -333,7 +373,38 @@ class Linear(LoraLayer):
         self.lora_A[adapter_name].weight.data = lora_A.contiguous().to(self.lora_A[adapter_name].weight.dtype)
         self.lora_B[adapter_name].weight.data = lora_B.contiguous().to(self.lora_B[adapter_name].weight.dtype)
         residual = weight - scaling * lora_B @ lora_A
+        self._weight_row_sq_norms = None
         base.weight.data = (residual.T if self.fan_in_fan_out else residual).to(dtype).contiguous()
+
+    @torch.no_grad()
+    def _dora_row_norms(self, adapter_name: str) -> torch.Tensor:
+        """``‖W + s·BA‖`` per output row without forming the ``(out, in)`` matrix: with ``wᵢ`` a row of W
+        and ``bᵢ`` a row of B, ``‖wᵢ + s·bᵢA‖² = ‖wᵢ‖² + 2s·bᵢ·(A wᵢ) + s²·bᵢ (A Aᵀ) bᵢᵀ``.
+
+        ``‖wᵢ‖²`` is cached (the base is frozen; the key holds the weight's version, so an in-place change
+        invalidates it), leaving one ``(out, in) × (in, r)`` product per forward instead of building
+        ``W + s·BA`` and its norms (three passes over an ``(out, in)`` matrix)."""
+        weight = self.get_base_layer().weight
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        key = (weight.data_ptr(), weight._version, weight.shape)
+        if self._weight_row_sq_norms is None or self._weight_row_sq_norms[0] != key:
+            rows = weight.T if self.fan_in_fan_out else weight  # (out, in)
+            self._weight_row_sq_norms = (key, rows.to(A.dtype).pow(2).sum(1))
+        weight_sq = self._weight_row_sq_norms[1]  # (out,)
+        s = self.scaling[adapter_name]
+        W_At = weight.to(A.dtype).T @ A.T if self.fan_in_fan_out else weight.to(A.dtype) @ A.T  # (out, r)
+        cross = (B * W_At).sum(1)  # bᵢ·(A wᵢ)
+        lora_sq = ((B @ (A @ A.T)) * B).sum(1)  # bᵢ (A Aᵀ) bᵢᵀ
+        return (weight_sq + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
+
+    def set_base_weight(self, weight: torch.Tensor) -> None:
+        self._weight_row_sq_norms = None  # a swapped-in weight may reuse the old one's address
+        super().set_base_weight(weight)
+
+    def _dora_scale(self, adapter_name: str) -> torch.Tensor:
+        if self.base_is_quantized:  # the dequantized weight is a new tensor each call: nothing to cache
+            return super()._dora_scale(adapter_name)
+        return self.lora_magnitude_vector[adapter_name].weight / self._dora_row_norms(adapter_name)
 
     def _dora_norm(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """‖W + ΔW‖ over each output row: shape ``(out,)``."""
@@ -341,6 +412,112 @@ class Linear(LoraLayer):
 
     def _to_weight_layout(self, per_feature: torch.Tensor) -> torch.Tensor:
         return per_feature.view(1, -1) if self.fan_in_fan_out else per_feature.view(-1, 1)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        name = self._fused_adapter(x, args, kwargs)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        dropout = self.lora_dropout[name]
+        dropped = None if isinstance(dropout, nn.Identity) or not self.training else dropout(x)
+        return LoraLinearFunction.apply(
+            x,
+            dropped,
+            base.weight,
+            base.bias,
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            self.scaling[name],
+            self.fan_in_fan_out,
+        )
+
+    @property
+    def _plain_delta(self) -> bool:
+        """This layer's delta is LoRA's own (a subclass that changes it, e.g. with a gate, gets the generic
+        forward, which calls its ``adapter_delta``)."""
+        return type(self).adapter_delta is Linear.adapter_delta
+
+    def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+        """The active adapter when the fused kernel (:mod:`peftkit.methods.lora_ops`) computes this forward
+        exactly: one plain LoRA adapter, unmerged, on a plain full-precision ``Linear`` / ``Conv1D`` without
+        hooks, all tensors of one dtype. Anything else takes the generic path."""
+        if (
+            len(self.active_adapters) != 1
+            or not self._plain_delta
+            or self.disable_adapters
+            or self.merged_adapters
+            or self.batch_adapter_names is not None
+            or args
+            or kwargs
+        ):
+            return None
+        name = self.active_adapters[0]
+        base = self.base_layer
+        if self.use_dora[name] or type(base) not in _FUSABLE_BASES or _has_hooks(base):
+            return None
+        dtype = base.weight.dtype
+        if x.dtype != dtype or self.lora_A[name].weight.dtype != dtype or x.device != base.weight.device:
+            return None
+        return name
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row through its own adapter with one gather and two batched matmuls (as S-LoRA / Punica),
+        whatever the number of distinct adapters in the batch::
+
+            A_row = A_stack[slot(row)]   (rows, r_max, in)    B_row = s·B_stack[slot(row)]   (rows, out, r_max)
+            y_row = base(x_row) + x_row A_rowᵀ B_rowᵀ
+
+        Ranks below ``r_max`` are zero-padded (exact: the padding adds zeros), the scaling is folded into
+        ``B``, and rows without an adapter (``"__base__"``, or an adapter not on this layer) use an all-zero
+        slot. DoRA, dropout in training and mixed dtypes take the generic per-adapter path.
+        """
+        names = self.rows_adapter_names(x)
+        present = [n for n in dict.fromkeys(names) if n in self.lora_A]
+        result = self.base_layer(x, *args, **kwargs)
+        if not present:
+            return result
+        if (
+            not self._plain_delta
+            or any(self.use_dora[n] for n in present)
+            or (self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in present))
+            or not x.dtype == result.dtype == self.lora_A[present[0]].weight.dtype
+        ):
+            return super()._mixed_batch_forward(x, *args, **kwargs)
+        A_stack, B_stack = self._stacked_factors(present)  # (K+1, r_max, in), (K+1, out, r_max)
+        slot_of = {name: i for i, name in enumerate(present)}
+        zero_slot = len(present)
+        slots = torch.tensor([slot_of.get(n, zero_slot) for n in names], device=x.device)
+        rows = x.shape[0]
+        x_3d = x.reshape(rows, -1, x.shape[-1])  # (rows, T, in)
+        after_A = torch.bmm(x_3d, A_stack[slots].transpose(1, 2))  # (rows, T, r_max)
+        out_3d = result.reshape(rows, -1, result.shape[-1])  # (rows, T, out)
+        return torch.baddbmm(out_3d, after_A, B_stack[slots].transpose(1, 2)).view(result.shape)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._stack_cache = None  # release the deleted adapter's factors
+        super().delete_adapter(adapter_name)
+
+    def _stacked_factors(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` and ``s·B`` of ``names`` stacked and zero-padded to the largest rank, plus a zero slot.
+
+        Without gradients (serving) the stacks are cached until a factor changes (tensor versions are part
+        of the key); with gradients they are rebuilt so that autograd reaches every adapter's factors.
+        """
+        factors = [(self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in names]
+        grad = torch.is_grad_enabled() and any(A.requires_grad or B.requires_grad for A, B, _ in factors)
+        # the key holds the parameters themselves (compared with ``is``), so a deleted adapter's id cannot
+        # be reused by a new one while the entry lives; versions and data pointers catch in-place writes
+        key = tuple((A, A._version, A.data_ptr(), B, B._version, B.data_ptr(), s) for A, B, s in factors)
+        cache = self._stack_cache
+        if not grad and cache is not None and _same_key(cache[0], key):
+            return cache[1]
+        r_max = max(A.shape[0] for A, _, _ in factors)
+        A_stack = torch.stack([F.pad(A, (0, 0, 0, r_max - A.shape[0])) for A, _, _ in factors])
+        B_stack = torch.stack([F.pad(B * s, (0, r_max - B.shape[1])) for _, B, s in factors])
+        A_stack = torch.cat([A_stack, A_stack.new_zeros(1, *A_stack.shape[1:])])
+        B_stack = torch.cat([B_stack, B_stack.new_zeros(1, *B_stack.shape[1:])])
+        self._stack_cache = None if grad else (key, (A_stack, B_stack))
+        return A_stack, B_stack
 
     def adapter_delta(self, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor) -> torch.Tensor:
         lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]
@@ -528,6 +705,89 @@ class LoraModel(BaseTuner):
             and ".modules_to_save." not in name
             and ".original_module." not in name
         }
+
+    # ------------------------------------------------------------------------------- hot-swapping
+    # The rank dimension of each factor, by the end of its on-disk key: A is (r, in...), B is (out, r...).
+    _RANK_DIM: ClassVar[dict[str, int]] = {
+        "lora_A.weight": 0,
+        "lora_B.weight": 1,
+        "lora_embedding_A": 0,
+        "lora_embedding_B": 1,
+    }
+
+    def hotswap_tensor(self, key: str, param: nn.Parameter, tensor: torch.Tensor) -> torch.Tensor:
+        """A factor of a smaller rank is zero-padded to the parameter's rank (``B A`` is unchanged)."""
+        dim = next((d for suffix, d in self._RANK_DIM.items() if key.endswith(suffix)), None)
+        same_elsewhere = (
+            dim is not None
+            and tensor.dim() == param.dim()
+            and all(a == b for i, (a, b) in enumerate(zip(tensor.shape, param.shape)) if i != dim)
+        )
+        if not same_elsewhere or tensor.shape[dim] == param.shape[dim]:
+            return super().hotswap_tensor(key, param, tensor)
+        if tensor.shape[dim] > param.shape[dim]:
+            raise ValueError(
+                f"{key}: rank {tensor.shape[dim]} is larger than the model's {param.shape[dim]}; call "
+                f"prepare_model_for_compiled_hotswap(model, target_rank={tensor.shape[dim]}) first"
+            )
+        padding = [0, 0] * tensor.dim()  # F.pad lists (left, right) pairs from the last dimension back
+        padding[2 * (tensor.dim() - 1 - dim) + 1] = param.shape[dim] - tensor.shape[dim]
+        return F.pad(tensor, padding)
+
+    def after_hotswap(self, adapter_name: str, config: PeftConfig) -> None:
+        """Ranks, scalings and dropout from the new config (the factors keep their padded shapes)."""
+        assert isinstance(config, LoraConfig)
+        super().after_hotswap(adapter_name, config)
+        for path, layer in self.adapter_layers():
+            if isinstance(layer, LoraLayer) and adapter_name in layer.r:
+                r = per_module_value(path, config.rank_pattern, config.r)
+                alpha = per_module_value(path, config.alpha_pattern, config.lora_alpha)
+                layer.r[adapter_name], layer.lora_alpha[adapter_name] = r, alpha
+                layer.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+                p = config.lora_dropout
+                layer.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+
+    @torch.no_grad()
+    def pad_ranks(self, target_rank: int) -> None:
+        """Zero-pad every adapter's factors to ``target_rank`` (see ``prepare_model_for_compiled_hotswap``);
+        the true rank stays in ``layer.r`` and saving writes the unpadded factors."""
+        _check_positive("target_rank", target_rank, integer=True)
+        for path, layer in self.adapter_layers():
+            if not isinstance(layer, LoraLayer):
+                continue
+            for name in layer.r:
+                params = layer.adapter_parameters(name)
+                for local, dim in self._RANK_DIM.items():
+                    if local not in params:
+                        continue
+                    param = params[local]
+                    if param.shape[dim] > target_rank:
+                        raise ValueError(
+                            f"target_rank={target_rank} is below the rank {param.shape[dim]} of adapter "
+                            f"{name!r} at {path}."
+                        )
+                    padded = nn.Parameter(
+                        self.hotswap_tensor(local, _with_rank(param, dim, target_rank), param.detach()),
+                        requires_grad=param.requires_grad,
+                    )
+                    owner_name, _, attr = local.rpartition(".")
+                    if local.startswith("lora_embedding"):
+                        getattr(layer, local)[name] = padded
+                    else:
+                        setattr(getattr(layer, owner_name)[name], attr, padded)
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Factors padded for hot-swapping are saved at the adapter's true rank."""
+        tensors = super().adapter_state_dict(adapter_name)
+        for path, layer in self.adapter_layers():
+            if not isinstance(layer, LoraLayer) or adapter_name not in layer.r:
+                continue
+            r = layer.r[adapter_name]
+            for local, tensor in layer.adapter_parameters(adapter_name).items():
+                dim = self._RANK_DIM.get(local)
+                if dim is not None and tensor.shape[dim] > r:
+                    tensors[f"{SAVED_PREFIX}{path}.{local}"] = tensor.detach().narrow(dim, 0, r)
+        return tensors
 
     def add_weighted_adapter(
         self,

@@ -1,0 +1,103 @@
+"""Fused kernels for LoRA on linear layers (the speed and memory work of the performance issue).
+
+The plain LoRA forward ``y = W x + b + s · B (A x)`` written with modules costs, besides the two small
+matmuls, two passes over the full ``(N, out)`` output (``· s`` and ``+``) in forward and two more in
+backward (the scaled gradient, and the sum of the base's and the adapter's input gradients), each with a
+fresh ``(N, out)`` or ``(N, in)`` temporary. :class:`LoraLinearFunction` does the same algebra with the
+scale and the sum folded into ``addmm``::
+
+    forward    a  = x Aᵀ                       (N, r)
+               y  = addmm(b, x, Wᵀ);  y += s · a Bᵀ          (one output buffer, no temporaries)
+    backward   g_a = s · g B                   (N, r)
+               ∂x  = g W;  ∂x += g_a A                        (one input-gradient buffer)
+               ∂A  = g_aᵀ x,   ∂B = s · gᵀ a
+
+It saves ``x`` (the base layer saves nothing when ``W`` is frozen, so ``x`` is the one activation LoRA
+must keep; the query, key and value projections share it), the small ``a`` and the weights. The results
+equal the module version up to float rounding (the order of additions differs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """``y = x Wᵀ + b + s · (x_A Aᵀ) Bᵀ`` for a frozen or trainable ``W``; ``x_A`` is ``x`` after dropout.
+
+    Args (of :meth:`apply`, all positional):
+        x: ``(..., in)`` input.
+        dropped: ``x`` after the adapter's dropout, or ``None`` when there is none (then ``x`` is used
+            and saved once).
+        weight: the base weight, ``(out, in)``, or ``(in, out)`` when ``weight_in_out`` (GPT-2 Conv1D).
+        bias: ``(out,)`` or ``None``.
+        lora_A: ``(r, in)``;  lora_B: ``(out, r)``;  scaling: the float ``s``.
+        weight_in_out: the layout flag above.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        dropped: torch.Tensor | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        scaling: float,
+        weight_in_out: bool,
+    ) -> torch.Tensor:
+        in_features = x.shape[-1]
+        x_2d = x.reshape(-1, in_features)  # (N, in)
+        adapter_in = x_2d if dropped is None else dropped.reshape(-1, in_features)
+        weight_t = weight if weight_in_out else weight.t()  # (in, out)
+        out = torch.mm(x_2d, weight_t) if bias is None else torch.addmm(bias, x_2d, weight_t)  # (N, out)
+        after_A = torch.mm(adapter_in, lora_A.t())  # (N, r)
+        out.addmm_(after_A, lora_B.t(), alpha=scaling)
+        # ``x`` is kept only when some gradient needs it; saving a tensor costs a reference, not a copy
+        needs_x = ctx.needs_input_grad[2] or (dropped is None and ctx.needs_input_grad[4])
+        ctx.save_for_backward(
+            x_2d if needs_x else None,
+            None if dropped is None else adapter_in,
+            after_A,
+            weight,
+            lora_A,
+            lora_B,
+        )
+        ctx.scaling, ctx.weight_in_out, ctx.x_shape = scaling, weight_in_out, x.shape
+        ctx.shared_input = dropped is None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_2d, dropped_2d, after_A, weight, lora_A, lora_B = ctx.saved_tensors
+        need_x, need_dropped, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:6]
+        scaling = ctx.scaling
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        adapter_in = x_2d if ctx.shared_input else dropped_2d
+
+        grad_after_A = None  # s · g B: the gradient reaching A's output, (N, r)
+        if need_A or need_dropped or (need_x and ctx.shared_input):
+            grad_after_A = torch.mm(grad_2d, lora_B.to(grad_2d.dtype)).mul_(scaling)
+
+        grad_x = grad_dropped = None
+        if need_x:
+            grad_x = torch.mm(grad_2d, weight.t() if ctx.weight_in_out else weight)  # (N, in)
+            if ctx.shared_input:
+                grad_x.addmm_(grad_after_A, lora_A)
+            grad_x = grad_x.view(ctx.x_shape)
+        if need_dropped:
+            grad_dropped = torch.mm(grad_after_A, lora_A).view(ctx.x_shape)
+
+        grad_weight = grad_bias = grad_A = grad_B = None
+        if need_w:
+            grad_weight = x_2d.t().mm(grad_2d) if ctx.weight_in_out else grad_2d.t().mm(x_2d)
+        if need_b:
+            grad_bias = grad_2d.sum(0)
+        if need_A:
+            grad_A = grad_after_A.t().mm(adapter_in)  # (r, in)
+        if need_B:
+            grad_B = grad_2d.t().mm(after_A).mul_(scaling)  # (out, r)
+        return grad_x, grad_dropped, grad_weight, grad_bias, grad_A, grad_B, None, None
