@@ -123,13 +123,18 @@ def run_child(variant: str, threads: int, warmup: int, steps: int) -> dict[str, 
     }
 
 
-def run_paired(variants: list[str], threads: int, warmup: int, steps: int) -> dict[str, Any]:
+def run_paired(variants: list[str], threads: int, warmup: int, steps: int, cpu_time: bool) -> dict[str, Any]:
     """All variants in this one process, their steps interleaved (A, B, C, A, B, C, ...).
 
     Load from other processes changes over seconds; interleaving step by step exposes every variant to
     the same conditions, so the per-round ratios are far steadier than ratios of separate runs. Memory is
     not measured here (the models share one process): use the separate-process mode for that.
+
+    With ``cpu_time`` each step is timed by this process's CPU time (``time.process_time``) instead of
+    the wall clock: with one thread that is the work done, which other processes on the machine barely
+    change (they still share caches and memory bandwidth).
     """
+    clock = time.process_time if cpu_time else time.perf_counter
     import torch
 
     torch.set_num_threads(threads)
@@ -152,10 +157,10 @@ def run_paired(variants: list[str], threads: int, warmup: int, steps: int) -> di
     times: dict[str, list[float]] = {v: [] for v in variants}
     for round_ in range(warmup + steps):
         for variant, step in steps_by_variant.items():
-            start = time.perf_counter()
+            start = clock()
             step()
             if round_ >= warmup:
-                times[variant].append(time.perf_counter() - start)
+                times[variant].append(clock() - start)
     ratios = {}
     for num, den in RATIOS:
         if num in times and den in times:
@@ -212,10 +217,15 @@ def main() -> None:
         action="store_true",
         help="time all variants in one process, steps interleaved (steadier ratios, no memory column)",
     )
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="with --paired: time steps by process CPU time (use with --threads 1 on a busy machine)",
+    )
     args = parser.parse_args()
 
     if args.paired:
-        result = run_paired(args.variants, args.threads, args.warmup, args.steps)
+        result = run_paired(args.variants, args.threads, args.warmup, args.steps, args.cpu_time)
         for variant, median in result["median_s"].items():
             print(f"{variant:<13} median step {median:.3f} s")
         for name, value in result["ratios"].items():

@@ -6,11 +6,15 @@ backward (the scaled gradient, and the sum of the base's and the adapter's input
 fresh ``(N, out)`` or ``(N, in)`` temporary. :class:`LoraLinearFunction` does the same algebra with the
 scale and the sum folded into ``addmm``::
 
-    forward    a  = x Aᵀ                       (N, r)
+    forward    aᵀ = A xᵀ                       (r, N)
                y  = addmm(b, x, Wᵀ);  y += s · a Bᵀ          (one output buffer, no temporaries)
-    backward   g_a = s · g B                   (N, r)
+    backward   g_aᵀ = s · Bᵀ gᵀ                (r, N)
                ∂x  = g W;  ∂x += g_a A                        (one input-gradient buffer)
-               ∂A  = g_aᵀ x,   ∂B = s · gᵀ a
+               ∂A  = g_aᵀ x,   ∂B = s · (aᵀ g)ᵀ
+
+The rank-r products are written with the small factor on the left (``A xᵀ`` rather than ``x Aᵀ``, and
+``aᵀ g`` rather than ``gᵀ a``): the same numbers, but this CPU's BLAS runs these skinny shapes 2-8× faster
+that way round (``benchmarks/README.md`` has the timings), and they are most of LoRA's extra cost.
 
 It saves ``x`` (the base layer saves nothing when ``W`` is frozen, so ``x`` is the one activation LoRA
 must keep; the query, key and value projections share it), the small ``a`` and the weights. The results
@@ -54,14 +58,14 @@ class LoraLinearFunction(torch.autograd.Function):
         adapter_in = x_2d if dropped is None else dropped.reshape(-1, in_features)
         weight_t = weight if weight_in_out else weight.t()  # (in, out)
         out = torch.mm(x_2d, weight_t) if bias is None else torch.addmm(bias, x_2d, weight_t)  # (N, out)
-        after_A = torch.mm(adapter_in, lora_A.t())  # (N, r)
-        out.addmm_(after_A, lora_B.t(), alpha=scaling)
+        after_A_t = torch.mm(lora_A, adapter_in.t())  # (r, N): see the module docstring on layouts
+        out.addmm_(after_A_t.t(), lora_B.t(), alpha=scaling)
         # ``x`` is kept only when some gradient needs it; saving a tensor costs a reference, not a copy
         needs_x = ctx.needs_input_grad[2] or (dropped is None and ctx.needs_input_grad[4])
         ctx.save_for_backward(
             x_2d if needs_x else None,
             None if dropped is None else adapter_in,
-            after_A,
+            after_A_t,
             weight,
             lora_A,
             lora_B,
@@ -72,24 +76,24 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_2d, dropped_2d, after_A, weight, lora_A, lora_B = ctx.saved_tensors
+        x_2d, dropped_2d, after_A_t, weight, lora_A, lora_B = ctx.saved_tensors
         need_x, need_dropped, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:6]
         scaling = ctx.scaling
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         adapter_in = x_2d if ctx.shared_input else dropped_2d
 
-        grad_after_A = None  # s · g B: the gradient reaching A's output, (N, r)
+        grad_after_A_t = None  # s · (g B)ᵀ: the gradient reaching A's output, (r, N)
         if need_A or need_dropped or (need_x and ctx.shared_input):
-            grad_after_A = torch.mm(grad_2d, lora_B.to(grad_2d.dtype)).mul_(scaling)
+            grad_after_A_t = torch.mm(lora_B.t().to(grad_2d.dtype), grad_2d.t()).mul_(scaling)
 
         grad_x = grad_dropped = None
         if need_x:
             grad_x = torch.mm(grad_2d, weight.t() if ctx.weight_in_out else weight)  # (N, in)
             if ctx.shared_input:
-                grad_x.addmm_(grad_after_A, lora_A)
+                grad_x.addmm_(grad_after_A_t.t(), lora_A)
             grad_x = grad_x.view(ctx.x_shape)
         if need_dropped:
-            grad_dropped = torch.mm(grad_after_A, lora_A).view(ctx.x_shape)
+            grad_dropped = torch.mm(grad_after_A_t.t(), lora_A).view(ctx.x_shape)
 
         grad_weight = grad_bias = grad_A = grad_B = None
         if need_w:
@@ -97,7 +101,7 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_b:
             grad_bias = grad_2d.sum(0)
         if need_A:
-            grad_A = grad_after_A.t().mm(adapter_in)  # (r, in)
+            grad_A = torch.mm(grad_after_A_t, adapter_in)  # (r, in)
         if need_B:
-            grad_B = grad_2d.t().mm(after_A).mul_(scaling)  # (out, r)
+            grad_B = torch.mm(after_A_t, grad_2d).mul_(scaling).t()  # (out, r), a transposed view
         return grad_x, grad_dropped, grad_weight, grad_bias, grad_A, grad_B, None, None
