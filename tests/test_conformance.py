@@ -322,6 +322,27 @@ CASES += [
     ),
 ]
 
+# Multitask Prompt Tuning: each row's task prompt P* ∘ (u_t v_tᵀ); task_ids (one per row of _ids()) reach
+# the adapted model only, and cover both tasks so that every task factor trains.
+CASES += [
+    Case(
+        "multitask-prompt-llama",
+        "MULTITASK_PROMPT_TUNING",
+        tiny_llama,
+        lambda: peftkit.MultitaskPromptTuningConfig(num_virtual_tokens=4, num_tasks=2, num_ranks=2),
+        inputs={"task_ids": torch.tensor([0, 1, 0])},
+        **_PROMPT,
+    ),
+    Case(
+        "multitask-prompt-bert-seq-cls",
+        "MULTITASK_PROMPT_TUNING",
+        tiny_bert_cls,
+        lambda: peftkit.MultitaskPromptTuningConfig(num_virtual_tokens=3, num_tasks=2, task_type="SEQ_CLS"),
+        inputs={"task_ids": torch.tensor([1, 0, 1])},
+        **_PROMPT,
+    ),
+]
+
 # Adaption prompts (LLaMA-Adapter): gated prompts in the top attention layers; a zero gate makes a fresh
 # adapter the identity. Not mergeable (the prompt term depends on the queries).
 CASES += [
@@ -341,10 +362,14 @@ CASES += [
     ),
 ]
 
+def _case_inputs(model: nn.Module, case: Case) -> dict[str, Any]:
+    """``_ids()`` and, for an adapted model, the case's extra inputs (a plain base model takes none)."""
+    return {**_ids(), **(case.inputs if isinstance(model, PeftModel) else {})}
+
 
 def _output(model: nn.Module, case: Case) -> torch.Tensor:
     with torch.no_grad():
-        return model(**_ids()).logits
+        return model(**_case_inputs(model, case)).logits
 
 
 def _train(model: nn.Module, case: Case, steps: int = 3) -> None:
@@ -354,7 +379,7 @@ def _train(model: nn.Module, case: Case, steps: int = 3) -> None:
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     model.train()
     for _ in range(steps):
-        logits = model(**_ids()).logits
+        logits = model(**_case_inputs(model, case)).logits
         loss = (logits.float() ** 2).mean()
         loss.backward()
         optimizer.step()

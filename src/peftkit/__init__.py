@@ -16,6 +16,11 @@ from peftkit.methods.freeze import FreezeConfig, FreezeModel, HeadOnlyConfig
 from peftkit.methods.fusion import AdapterFusionConfig
 from peftkit.methods.ia3 import IA3Config, IA3Model
 from peftkit.methods.lora import LoraConfig, LoraModel
+from peftkit.methods.multitask_prompt_tuning import (
+    MultitaskPromptTuningConfig,
+    MultitaskPromptTuningInit,
+    MultitaskPromptTuningModel,
+)
 from peftkit.methods.p_tuning import (
     PromptEncoderConfig,
     PromptEncoderModel,
@@ -60,6 +65,9 @@ __all__ = [
     "LoraConfig",
     "LoraModel",
     "ModulesToSaveWrapper",
+    "MultitaskPromptTuningConfig",
+    "MultitaskPromptTuningInit",
+    "MultitaskPromptTuningModel",
     "PTuningV2Config",
     "PTuningV2Model",
     "Parallel",

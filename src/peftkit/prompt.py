@@ -9,16 +9,27 @@ tuner changes the model's *inputs* on every call, through the arguments every tr
     attention_mask = [ 1 … 1 ; attention_mask ]             attention_mask = [ 1 … 1 ; attention_mask ]
     labels = [ -100 … -100 ; labels ]  (per-token labels)    position_ids  = position_ids + P (when given)
 
+Encoder-decoder models (T5, BART) follow HF PEFT: an embedding prompt is prepended to the *encoder's* input
+(``labels`` and the decoder inputs are untouched); a prefix goes into the *decoder's* self-attention cache
+(``decoder_attention_mask`` gets ``P`` ones), the encoder sees none, and cross-attention is computed from
+the encoder output as usual. HF PEFT counts such models as two "transformer submodules": an embedding
+table has ``2P`` rows of which the encoder takes the first ``P``, and a prefix table's rows are regrouped
+as HF PEFT regroups them (see :meth:`PromptTuner.prefix_rows`).
+
 A method subclasses :class:`PromptTuner`, sets ``placement`` and implements :meth:`PromptTuner.build_encoder`,
-which returns a module whose ``forward()`` (no arguments) gives the prompt table: ``(P, D)`` token
-embeddings, or ``(P, num_layers · 2 · kv_dim)`` keys and values laid out as HF PEFT lays them. The core
-knows no method by name: it prepends, builds the transformers ``Cache``, saves the table as HF PEFT's
-``prompt_embeddings`` tensor (the encoder's *output*, as HF PEFT saves it) and loads it back.
+which returns a module whose ``forward()`` gives the prompt table: ``(rows, D)`` token embeddings, or
+``(P, num_layers · 2 · kv_dim)`` keys and values laid out as HF PEFT lays them; a method whose prompt
+differs per row (Multitask Prompt Tuning's ``task_ids``) names those arguments in ``prompt_forward_args``
+and returns ``(batch, rows, width)``. The core knows no method by name: it prepends, builds the transformers
+``Cache``, saves the table as HF PEFT's ``prompt_embeddings`` tensor (the encoder's *output*, as HF PEFT
+saves it) and loads it back; a method that saves something else overrides :meth:`PromptTuner.prompt_state_dict`
+and :meth:`PromptTuner.prompt_load_targets`.
 
 ``generate()`` runs the same input change as a forward pre-hook on the base model, so transformers' own
 generation loop (KV cache, left padding, position ids from the attention mask) stays in charge: at the
 first step the prompt is prepended (or the empty cache filled with the prefix); at later steps only the
-attention mask and position ids are shifted by ``P``.
+attention mask and position ids are shifted by ``P``. An encoder-decoder model runs its encoder once, so
+an embedding prompt is prepended once, before transformers' loop starts.
 """
 
 from __future__ import annotations
@@ -48,7 +59,8 @@ class PromptLearningConfig(PeftConfig):
         num_virtual_tokens: ``P``, the number of virtual tokens (> 0).
         token_dim: the width of one virtual token; derived from the model when ``None`` (hidden size, or for a
             prefix the key/value width ``num_key_value_heads · head_dim``).
-        num_transformer_submodules: 1 (decoder-only or encoder-only models); derived when ``None``.
+        num_transformer_submodules: 1 (decoder-only or encoder-only models) or 2 (encoder-decoder models, as
+            HF PEFT counts them); derived when ``None``.
         num_attention_heads: the heads a prefix is split into (the key/value heads); derived when ``None``.
         num_layers: the transformer layers a prefix reaches; derived when ``None``.
         modules_to_save: modules trained in full and saved with the prompt (a classification head).
@@ -81,10 +93,10 @@ class PromptLearningConfig(PeftConfig):
                 raise ValueError(
                     f"{name} must be a positive integer or None (derived from the model), got {value!r}."
                 )
-        if self.num_transformer_submodules not in (None, 1):
+        if self.num_transformer_submodules not in (None, 1, 2):
             raise ValueError(
-                f"num_transformer_submodules={self.num_transformer_submodules}: peftkit's soft prompts support "
-                f"decoder-only and encoder-only models (1 submodule); encoder-decoder models are not supported yet."
+                f"num_transformer_submodules must be None (derived), 1 (decoder-only and encoder-only models) or 2 "
+                f"(encoder-decoder models), got {self.num_transformer_submodules!r}."
             )
 
 
@@ -96,6 +108,7 @@ class PromptDims:
     token_dim: int  # width of one virtual token (embeddings) or of one layer's keys (prefix)
     num_layers: int
     num_attention_heads: int  # heads the prefix is split into (key/value heads under grouped-query attention)
+    num_transformer_submodules: int = 1  # 2 for encoder-decoder models (HF PEFT's count)
 
     @property
     def head_dim(self) -> int:
@@ -132,6 +145,10 @@ class PromptTuner(BaseTuner):
     #: ``"input_embeddings"`` (prepended to the token embeddings) or ``"attention_prefix"`` (prepended to
     #: every attention layer's keys and values through the cache)
     placement: ClassVar[str] = INPUT_EMBEDDINGS
+    #: keyword arguments of ``forward`` / ``generate`` that the method consumes (one value per batch row, such
+    #: as Multitask Prompt Tuning's ``task_ids``): taken out of the model's inputs and passed to the prompt
+    #: encoder's ``forward``, which then returns one prompt per row
+    prompt_forward_args: ClassVar[tuple[str, ...]] = ()
 
     # BaseTuner.__init__ injects the first adapter, so the containers below are created on first use.
     @property
@@ -149,6 +166,13 @@ class PromptTuner(BaseTuner):
     def build_encoder(self, config: PeftConfig, dims: PromptDims) -> nn.Module:
         """A module whose ``forward()`` returns the prompt table for this adapter (see module docstring)."""
         raise NotImplementedError
+
+    def prompt_rows(self, dims: PromptDims) -> int:
+        """Rows of the prompt table: ``P`` for a prefix; for embeddings ``P`` per transformer submodule (HF PEFT
+        gives an encoder-decoder model ``2P`` rows and prepends the first ``P`` to the encoder input)."""
+        if self.placement == ATTENTION_PREFIX:
+            return dims.num_virtual_tokens
+        return dims.num_virtual_tokens * dims.num_transformer_submodules
 
     def prompt_width(self, dims: PromptDims) -> int:
         """Columns of the prompt table."""
@@ -171,6 +195,10 @@ class PromptTuner(BaseTuner):
         self.prompt_dims[adapter_name] = dims
         return None
 
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
+
     def derive_dims(self, config: PromptLearningConfig) -> PromptDims:
         """HF PEFT's ``_prepare_prompt_learning_config``, without writing into the config."""
         model_config = getattr(self.model, "config", None)
@@ -179,10 +207,12 @@ class PromptTuner(BaseTuner):
                 f"{type(self.model).__name__} has no transformers config or input embeddings; soft prompts need "
                 f"a transformers model (get_input_embeddings(), inputs_embeds and attention_mask inputs)."
             )
-        if getattr(model_config, "is_encoder_decoder", False):
+        submodules = 2 if self.is_encoder_decoder else 1
+        if config.num_transformer_submodules not in (None, submodules):
+            kind = "an encoder-decoder" if submodules == 2 else "a decoder-only or encoder-only"
             raise ValueError(
-                f"{type(self.model).__name__} is an encoder-decoder model; peftkit's soft prompts support "
-                f"decoder-only (llama, gpt2, ...) and encoder-only (bert, roberta, ...) models for now."
+                f"num_transformer_submodules={config.num_transformer_submodules} does not fit "
+                f"{type(self.model).__name__}, {kind} model ({submodules}); leave it None to derive it."
             )
         text_config = (
             model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
@@ -209,7 +239,30 @@ class PromptTuner(BaseTuner):
                 raise ValueError(
                     f"token_dim {token_dim} is not divisible by num_attention_heads {num_heads}."
                 )
-        return PromptDims(config.num_virtual_tokens, token_dim, num_layers, num_heads)
+            if submodules == 2:
+                self._check_decoder_fits_prefix(text_config, num_layers, token_dim, num_heads)
+        return PromptDims(config.num_virtual_tokens, token_dim, num_layers, num_heads, submodules)
+
+    def _check_decoder_fits_prefix(
+        self, text_config: Any, num_layers: int, token_dim: int, heads: int
+    ) -> None:
+        """The prefix of an encoder-decoder model fills the decoder's self-attention cache, with HF PEFT's
+        sizes (read from the encoder side): the decoder must have as many layers, heads and head width."""
+        decoder_layers = _first_attr(text_config, ("num_decoder_layers", "decoder_layers"))
+        decoder_heads = _first_attr(text_config, ("decoder_attention_heads",))
+        head_dim = _first_attr(text_config, ("d_kv",))  # T5's per-head width, not always d_model / heads
+        problems = []
+        if decoder_layers not in (None, num_layers):
+            problems.append(f"{decoder_layers} decoder layers for a prefix of {num_layers} layers")
+        if decoder_heads not in (None, heads):
+            problems.append(f"{decoder_heads} decoder attention heads for a prefix of {heads} heads")
+        if head_dim is not None and head_dim * heads != token_dim:
+            problems.append(f"key width {head_dim}·{heads} for a prefix of token_dim {token_dim}")
+        if problems:
+            raise ValueError(
+                f"The prefix does not fit {type(self.model).__name__}'s decoder ({'; '.join(problems)}); set "
+                f"num_layers, token_dim and num_attention_heads to the decoder's sizes."
+            )
 
     def _check_attention_structure(self) -> None:
         if self._cache_argument() is None:
@@ -296,21 +349,17 @@ class PromptTuner(BaseTuner):
             "token_dim": dims.token_dim,
             "num_layers": dims.num_layers,
             "num_attention_heads": dims.num_attention_heads,
-            "num_transformer_submodules": 1,
+            "num_transformer_submodules": dims.num_transformer_submodules,
         }
 
-    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """HF PEFT's layout: ``prompt_embeddings`` (the encoder's output) and ``base_model.<head>.<param>``."""
+    def prompt_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The prompt's tensors on disk: HF PEFT's ``prompt_embeddings``, the encoder's output."""
         with torch.no_grad():
-            tensors = {SAVED_PROMPT_KEY: self.prompt_encoder[adapter_name]().detach()}
-        for path, wrapper in self.save_wrappers():
-            for local, param in wrapper.adapter_parameters(adapter_name).items():
-                tensors[f"base_model.{path}.{local}"] = param.detach()
-        return tensors
+            return {SAVED_PROMPT_KEY: self.prompt_encoder[adapter_name]().detach()}
 
-    def adapter_load_targets(self, adapter_name: str) -> dict[str, nn.Parameter]:
-        """Where each saved tensor goes. A reparameterised prompt (an encoder network) is replaced by a table
-        holding the saved output: the file stores only that output, as HF PEFT's does."""
+    def prompt_load_targets(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """Where the saved prompt tensors go. A reparameterised prompt (an encoder network) is replaced by a
+        table holding the saved output: the file stores only that output, as HF PEFT's does."""
         encoder = self.prompt_encoder[adapter_name]
         if not isinstance(encoder, PromptTable):
             with torch.no_grad():
@@ -319,7 +368,18 @@ class PromptTuner(BaseTuner):
             trainable = any(p.requires_grad for p in encoder.parameters())
             table.requires_grad_(trainable)
             self.prompt_encoder[adapter_name] = encoder = table
-        targets: dict[str, nn.Parameter] = {SAVED_PROMPT_KEY: encoder.embedding.weight}
+        return {SAVED_PROMPT_KEY: encoder.embedding.weight}
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """HF PEFT's layout: the prompt tensors and ``base_model.<head>.<param>``."""
+        tensors = self.prompt_state_dict(adapter_name)
+        for path, wrapper in self.save_wrappers():
+            for local, param in wrapper.adapter_parameters(adapter_name).items():
+                tensors[f"base_model.{path}.{local}"] = param.detach()
+        return tensors
+
+    def adapter_load_targets(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        targets = self.prompt_load_targets(adapter_name)
         for path, wrapper in self.save_wrappers():
             for local, param in wrapper.adapter_parameters(adapter_name).items():
                 targets[f"base_model.{path}.{local}"] = param
@@ -331,7 +391,12 @@ class PromptTuner(BaseTuner):
             return None
         return self.active_adapters[0]
 
+    def _take_prompt_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Remove the method's own inputs (``prompt_forward_args``) from ``kwargs`` and return them."""
+        return {name: kwargs.pop(name) for name in self.prompt_forward_args if name in kwargs}
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        prompt_args = self._take_prompt_args(kwargs)
         adapter = self._active_prompt()
         if adapter is None:
             return self.model(*args, **kwargs)
@@ -341,18 +406,32 @@ class PromptTuner(BaseTuner):
             kwargs["input_ids"] = args[0]
         if self.placement == ATTENTION_PREFIX and self.training:
             self._check_attention_structure()
-        return self.model(**self.add_prompt(kwargs, adapter))
+        return self.model(**self.add_prompt(kwargs, adapter, prompt_args))
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's ``generate`` with the prompt added to every forward call it makes."""
+        prompt_args = self._take_prompt_args(kwargs)
         adapter = self._active_prompt()
         if adapter is None:
             return self.model.generate(*args, **kwargs)
+        if self.is_encoder_decoder and self.placement == INPUT_EMBEDDINGS:
+            # the encoder runs once, before the decoding loop: prepend the prompt to its input here
+            if args:
+                kwargs["input_ids"], args = args[0], args[1:]
+            return self.model.generate(*args, **self.add_prompt(kwargs, adapter, prompt_args))
+
+        cache_arg = self._cache_argument()
 
         def hook(module: nn.Module, hook_args: tuple, hook_kwargs: dict) -> tuple[tuple, dict]:
             if hook_args:
                 hook_kwargs["input_ids"], hook_args = hook_args[0], hook_args[1:]
-            return hook_args, self.add_prompt(hook_kwargs, adapter)
+            if hook_kwargs.get("use_cache") is False and cache_arg is not None:
+                # each call recomputes the whole sequence; a model that returns the cache it was given (BART)
+                # would otherwise get the previous call's prefix-and-tokens cache back from generate
+                hook_kwargs.pop(cache_arg, None)
+            batch_size = _batch_size(hook_kwargs)
+            row_args = {name: _repeat_rows(value, batch_size) for name, value in prompt_args.items()}
+            return hook_args, self.add_prompt(hook_kwargs, adapter, row_args)
 
         handle = self.model.register_forward_pre_hook(hook, with_kwargs=True)
         try:
@@ -360,9 +439,28 @@ class PromptTuner(BaseTuner):
         finally:
             handle.remove()
 
-    def add_prompt(self, kwargs: dict[str, Any], adapter_name: str) -> dict[str, Any]:
+    def prompt_batch(
+        self, adapter_name: str, batch_size: int, prompt_args: dict[str, Any] | None = None
+    ) -> torch.Tensor:
+        """The prompt table of every row, ``(batch_size, rows, width)``."""
+        prompt = self.prompt_encoder[adapter_name](**(prompt_args or {}))
+        if prompt.dim() == 2:
+            return prompt.unsqueeze(0).expand(batch_size, -1, -1)
+        if prompt.shape[0] != batch_size:
+            given = ", ".join(self.prompt_forward_args) or "prompt inputs"
+            raise ValueError(
+                f"The batch has {batch_size} rows but {given} gave prompts for {prompt.shape[0]}; pass one value "
+                f"per row."
+            )
+        return prompt
+
+    def add_prompt(
+        self, kwargs: dict[str, Any], adapter_name: str, prompt_args: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """The model inputs with adapter ``adapter_name``'s virtual tokens added (see module docstring)."""
         kwargs = dict(kwargs)
+        if self.is_encoder_decoder:
+            return self._add_prompt_encoder_decoder(kwargs, adapter_name, prompt_args)
         input_ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         reference = embeds if embeds is not None else input_ids
         if reference is None:
@@ -375,12 +473,7 @@ class PromptTuner(BaseTuner):
 
         mask = kwargs.get("attention_mask")
         if mask is not None:
-            if mask.dim() != 2:
-                raise ValueError(
-                    f"Soft prompts need a 2-D attention_mask (batch, sequence); got a {mask.dim()}-D one."
-                )
-            ones = torch.ones(batch_size, num_tokens, dtype=mask.dtype, device=mask.device)
-            kwargs["attention_mask"] = torch.cat([ones, mask], dim=1)
+            kwargs["attention_mask"] = _prepend_ones(mask, num_tokens)
         positions = kwargs.get("position_ids")
         if positions is not None:
             positions = positions + num_tokens
@@ -389,7 +482,6 @@ class PromptTuner(BaseTuner):
                 positions = torch.cat([virtual.expand(*positions.shape[:-1], num_tokens), positions], dim=-1)
             kwargs["position_ids"] = positions
 
-        prompt = self.prompt_encoder[adapter_name]()  # (P, width)
         if self.placement == ATTENTION_PREFIX:
             if cache is None:
                 from transformers import DynamicCache
@@ -397,7 +489,9 @@ class PromptTuner(BaseTuner):
                 cache = DynamicCache(config=self.model.config)
                 kwargs[cache_arg] = cache
             if first_step:
-                self._fill_prefix(cache, prompt, adapter_name, batch_size)
+                self._fill_prefix(
+                    cache, self.prompt_batch(adapter_name, batch_size, prompt_args), adapter_name
+                )
             return kwargs
 
         if not first_step:
@@ -405,7 +499,7 @@ class PromptTuner(BaseTuner):
         if embeds is None:
             embeds = self.model.get_input_embeddings()(input_ids)
         seq_len = embeds.shape[1]
-        prompt = prompt.to(embeds.dtype).unsqueeze(0).expand(batch_size, -1, -1)
+        prompt = self.prompt_batch(adapter_name, batch_size, prompt_args).to(embeds.dtype)
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)  # (B, P + T, D)
         kwargs.pop("input_ids", None)
         labels = kwargs.get("labels")
@@ -418,16 +512,94 @@ class PromptTuner(BaseTuner):
             kwargs["token_type_ids"] = torch.cat([zeros, token_types], dim=1)
         return kwargs
 
-    def _fill_prefix(self, cache: Any, prompt: torch.Tensor, adapter_name: str, batch_size: int) -> None:
-        """Write the prefix into an empty cache, layer by layer, with HF PEFT's layout of the table:
-        ``(P, L·2·H·d)`` → ``(L·2, H, P, d)``; layer ``l`` takes keys ``2l`` and values ``2l + 1``."""
+    def _add_prompt_encoder_decoder(
+        self, kwargs: dict[str, Any], adapter_name: str, prompt_args: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """HF PEFT's seq2seq inputs: an embedding prompt before the encoder input, or a prefix in the decoder's
+        self-attention cache. ``labels`` and ``decoder_input_ids`` are left as given."""
+        num_tokens = self.prompt_dims[adapter_name].num_virtual_tokens
+        if self.placement == ATTENTION_PREFIX:
+            from transformers import DynamicCache, EncoderDecoderCache
+
+            cache_arg = self._cache_argument()
+            assert cache_arg is not None  # checked when the adapter was made
+            cache = kwargs.get(cache_arg)
+            mask = kwargs.get("decoder_attention_mask")
+            if mask is not None:
+                kwargs["decoder_attention_mask"] = _prepend_ones(mask, num_tokens)
+            if cache is None:
+                config = self.model.config
+                cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+                kwargs[cache_arg] = cache
+            if cache.get_seq_length() == 0:  # later decoding steps find the prefix in the cache
+                prompt = self.prompt_batch(adapter_name, _batch_size(kwargs), prompt_args)
+                self._fill_prefix(getattr(cache, "self_attention_cache", cache), prompt, adapter_name)
+            return kwargs
+        input_ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        if input_ids is None and embeds is None:
+            return kwargs  # encoder_outputs given: the encoder already ran (on the prompted input)
+        if embeds is None:
+            embeds = self.model.get_input_embeddings()(input_ids)
+        prompt = self.prompt_batch(adapter_name, embeds.shape[0], prompt_args)[:, :num_tokens]
+        kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype), embeds], dim=1)  # (B, P + T, D)
+        kwargs.pop("input_ids", None)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs["attention_mask"] = _prepend_ones(mask, num_tokens)
+        return kwargs
+
+    def prefix_rows(self, dims: PromptDims) -> list[tuple[int, int]]:
+        """For each layer, the rows of the ``(L·2, H, P, d)`` table that hold its keys and values.
+
+        One submodule: layer ``l`` takes keys ``2l`` and values ``2l + 1``. Encoder-decoder models take HF
+        PEFT's regrouping: it stacks the table twice (meaning self- and cross-attention pairs), cuts the stack
+        into groups of four per decoder layer and keeps each group's first pair as the self-attention prefix
+        (cross-attention is recomputed from the encoder output). Decoder layer ``l`` so reads rows ``4l`` and
+        ``4l + 1`` modulo ``2L``: with two layers, both read the first layer's rows.
+        """
+        layers = dims.num_layers
+        if dims.num_transformer_submodules == 1:
+            return [(2 * layer, 2 * layer + 1) for layer in range(layers)]
+        return [((4 * layer) % (2 * layers), (4 * layer + 1) % (2 * layers)) for layer in range(layers)]
+
+    def _fill_prefix(self, cache: Any, prompt: torch.Tensor, adapter_name: str) -> None:
+        """Write the prefix ``(B, P, L·2·H·d)`` into an empty cache, layer by layer, with HF PEFT's layout of
+        the table: ``(B, P, L·2·H·d)`` → ``(L·2, B, H, P, d)``; the rows per layer come from :meth:`prefix_rows`."""
         dims = self.prompt_dims[adapter_name]
         dtype = self.model.get_input_embeddings().weight.dtype
+        batch_size = prompt.shape[0]
         table = prompt.to(dtype).view(
-            dims.num_virtual_tokens, dims.num_layers * 2, dims.num_attention_heads, -1
+            batch_size, dims.num_virtual_tokens, dims.num_layers * 2, dims.num_attention_heads, -1
         )
-        table = table.permute(1, 2, 0, 3)  # (L·2, H, P, d)
-        for layer in range(dims.num_layers):
-            keys = table[2 * layer].unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, H, P, d)
-            values = table[2 * layer + 1].unsqueeze(0).expand(batch_size, -1, -1, -1)
-            cache.update(keys, values, layer)
+        table = table.permute(2, 0, 3, 1, 4)  # (L·2, B, H, P, d)
+        for layer, (keys, values) in enumerate(self.prefix_rows(dims)):
+            cache.update(table[keys], table[values], layer)
+
+
+def _prepend_ones(mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``[1 … 1 ; mask]``: the virtual tokens are always attended."""
+    if mask.dim() != 2:
+        raise ValueError(
+            f"Soft prompts need a 2-D attention_mask (batch, sequence); got a {mask.dim()}-D one."
+        )
+    ones = torch.ones(mask.shape[0], num_tokens, dtype=mask.dtype, device=mask.device)
+    return torch.cat([ones, mask], dim=1)
+
+
+def _repeat_rows(value: Any, batch_size: int) -> Any:
+    """A per-row input repeated as ``generate`` repeats the rows (``num_beams``, ``num_return_sequences``)."""
+    if torch.is_tensor(value) and 0 < len(value) < batch_size and batch_size % len(value) == 0:
+        return value.repeat_interleave(batch_size // len(value), dim=0)
+    return value
+
+
+def _batch_size(kwargs: dict[str, Any]) -> int:
+    """The batch size of a model call, from whichever input it has."""
+    for name in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
+        value = kwargs.get(name)
+        if value is not None:
+            return value.shape[0]
+    encoder_outputs = kwargs.get("encoder_outputs")
+    if encoder_outputs is not None:
+        return encoder_outputs[0].shape[0]
+    raise ValueError("Soft prompts need input_ids or inputs_embeds.")

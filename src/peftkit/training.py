@@ -47,6 +47,9 @@ from peftkit.runconfig import RunConfig, RunConfigError, build_method_config, du
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 TRAINING_STATE_FILE = "training_state.pt"
+# The adapter's parameters as they are in memory, for resuming: the HF-format adapter file of a P-Tuning or
+# projected-prefix adapter holds the prompt encoder's output, not the encoder that training updates.
+TRAINABLE_PARAMETERS_FILE = "trainable_parameters.safetensors"
 LOG_FILE = "log.jsonl"
 # Fault injection for the kill-and-resume tests: SIGKILL this process after that optimizer step, or in the
 # middle of writing that step's checkpoint (after the adapter file, before the rename).
@@ -412,9 +415,13 @@ def save_checkpoint(
     if group.is_main and os.path.exists(tmp):
         shutil.rmtree(tmp)
     peft_model.save_pretrained(tmp, is_main_process=group.is_main)
+    parameters = _trainable_parameters(peft_model)  # every process: sharded tensors are gathered
     if group.is_main:
         if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
+        from safetensors.torch import save_file
+
+        save_file(parameters, os.path.join(tmp, TRAINABLE_PARAMETERS_FILE))
         torch.save(
             {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_states},
             os.path.join(tmp, TRAINING_STATE_FILE),
@@ -438,11 +445,40 @@ def load_checkpoint(path: str, peft_model: nn.Module) -> tuple[dict[str, Any], d
 
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
         trainer_state = json.load(f)
-    set_peft_model_state_dict(peft_model, load_adapter_weights(path), "default")
+    if os.path.isfile(os.path.join(path, TRAINABLE_PARAMETERS_FILE)):
+        _load_trainable_parameters(peft_model, os.path.join(path, TRAINABLE_PARAMETERS_FILE))
+    else:  # a checkpoint written before the parameters were kept separately
+        set_peft_model_state_dict(peft_model, load_adapter_weights(path), "default")
     training_state = torch.load(
         os.path.join(path, TRAINING_STATE_FILE), map_location="cpu", weights_only=True
     )
     return trainer_state, training_state
+
+
+def _trainable_parameters(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The default adapter's parameters by their in-memory names (whole tensors, on the CPU)."""
+    params = peft_model.base_model.adapter_parameter_map("default")
+    return {name: _full(p.detach()).to("cpu").contiguous().clone() for name, p in params.items()}
+
+
+def _load_trainable_parameters(peft_model: nn.Module, path: str) -> None:
+    """Copy a checkpoint's :data:`TRAINABLE_PARAMETERS_FILE` back into the adapter, all or nothing."""
+    from safetensors.torch import load_file
+
+    saved = load_file(path)
+    params = peft_model.base_model.adapter_parameter_map("default")
+    wrong = sorted(set(saved) ^ set(params)) + [
+        f"{name} {tuple(saved[name].shape)} vs {tuple(p.shape)}"
+        for name, p in params.items()
+        if name in saved and saved[name].shape != p.shape
+    ]
+    if wrong:
+        raise RunConfigError(
+            f"the checkpoint {path} does not fit this run's adapter (was the method changed?): {', '.join(wrong[:5])}."
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name].to(device=param.device, dtype=param.dtype))
 
 
 # ------------------------------------------------------------------------------------ reporting

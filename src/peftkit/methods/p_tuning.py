@@ -11,7 +11,8 @@ encoder over trainable embeddings ``E ∈ R^{p×d}`` (a reparameterisation that 
 
 Only ``P`` is needed at inference, so the checkpoint holds the encoder's *output* under HF PEFT's name
 ``prompt_embeddings`` (``(p, d)``); a loaded adapter is that table (training it further trains the table
-directly).
+directly). On an encoder-decoder model (T5, BART) the encoder runs over HF PEFT's ``2p`` embeddings (one
+block per transformer submodule) and the first ``p`` outputs are prepended to the encoder input.
 """
 
 from __future__ import annotations
@@ -120,9 +121,10 @@ class PromptEncoderModel(PromptTuner):
 
     def build_encoder(self, config: PeftConfig, dims: PromptDims) -> nn.Module:
         assert isinstance(config, PromptEncoderConfig)
+        rows = self.prompt_rows(dims)
         if config.inference_mode:  # a loaded adapter: the file holds the encoder's output
-            return PromptTable(dims.num_virtual_tokens, dims.token_dim)
-        return PromptEncoder(config, dims.num_virtual_tokens, dims.token_dim)
+            return PromptTable(rows, dims.token_dim)
+        return PromptEncoder(config, rows, dims.token_dim)
 
 
 register_method(PeftType.P_TUNING, PromptEncoderConfig, PromptEncoderModel)

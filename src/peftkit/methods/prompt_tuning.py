@@ -11,7 +11,9 @@ input ``X_e = embed(x) ∈ R^{n×d}``::
 Initialisation (§3 of the paper): ``RANDOM`` (``nn.Embedding``'s N(0, 1), as HF PEFT),
 ``SAMPLE_VOCAB`` (embeddings of random vocabulary tokens) or ``TEXT`` (the embeddings of an init text such
 as a task description, repeated to fill ``p`` tokens). The checkpoint is HF PEFT's: one
-``prompt_embeddings`` tensor of shape ``(p, d)``.
+``prompt_embeddings`` tensor of shape ``(p, d)``. On an encoder-decoder model (T5, BART) the prompt is
+prepended to the encoder input; HF PEFT's table then has ``2p`` rows (one block per transformer submodule)
+of which the encoder takes the first ``p``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -52,6 +54,9 @@ class PromptTuningConfig(PromptLearningConfig):
     tokenizer_name_or_path: str | None = None
     tokenizer_kwargs: dict[str, Any] | None = None
 
+    #: the accepted ``prompt_tuning_init`` values (Multitask Prompt Tuning adds its own)
+    init_choices: ClassVar[type[enum.Enum]] = PromptTuningInit
+
     def __post_init__(self) -> None:
         self.peft_type = PeftType.PROMPT_TUNING
         super().__post_init__()
@@ -59,15 +64,15 @@ class PromptTuningConfig(PromptLearningConfig):
     def validate(self) -> None:
         super().validate()
         try:
-            self.prompt_tuning_init = PromptTuningInit(
+            self.prompt_tuning_init = self.init_choices(
                 str(getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init))
             )
         except ValueError:
             raise ValueError(
-                f"prompt_tuning_init must be one of {[i.value for i in PromptTuningInit]}, got "
+                f"prompt_tuning_init must be one of {[i.value for i in self.init_choices]}, got "
                 f"{self.prompt_tuning_init!r}."
             ) from None
-        if self.prompt_tuning_init == PromptTuningInit.TEXT and not self.inference_mode:
+        if self.prompt_tuning_init.value == "TEXT" and not self.inference_mode:
             if not self.prompt_tuning_init_text:
                 raise ValueError(
                     'prompt_tuning_init="TEXT" needs prompt_tuning_init_text (the text to start from).'
@@ -77,17 +82,22 @@ class PromptTuningConfig(PromptLearningConfig):
                     'prompt_tuning_init="TEXT" needs tokenizer_name_or_path (the tokenizer of the base model) to '
                     "turn prompt_tuning_init_text into token embeddings."
                 )
-        if self.tokenizer_kwargs and self.prompt_tuning_init != PromptTuningInit.TEXT:
+        if self.tokenizer_kwargs and self.prompt_tuning_init.value != "TEXT":
             raise ValueError('tokenizer_kwargs is only used with prompt_tuning_init="TEXT".')
 
 
 def initial_prompt(
     config: PromptTuningConfig, word_embeddings: nn.Module, num_tokens: int
 ) -> torch.Tensor | None:
-    """The starting prompt ``(num_tokens, d)`` for ``SAMPLE_VOCAB`` / ``TEXT``, or ``None`` for ``RANDOM``."""
-    init = PromptTuningInit(config.prompt_tuning_init)
-    if init == PromptTuningInit.RANDOM or config.inference_mode:
+    """The starting prompt ``(num_tokens, d)`` for ``SAMPLE_VOCAB`` / ``TEXT``, or ``None`` otherwise
+    (``RANDOM``; other inits are the calling method's)."""
+    value = str(getattr(config.prompt_tuning_init, "value", config.prompt_tuning_init))
+    if (
+        value not in (PromptTuningInit.SAMPLE_VOCAB.value, PromptTuningInit.TEXT.value)
+        or config.inference_mode
+    ):
         return None
+    init = PromptTuningInit(value)
     device = word_embeddings.weight.device
     if init == PromptTuningInit.SAMPLE_VOCAB:
         token_ids = torch.randint(0, word_embeddings.num_embeddings, (num_tokens,), dtype=torch.long)
@@ -101,9 +111,10 @@ def initial_prompt(
             )
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
         ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
-        if len(ids) > num_tokens:
+        virtual = config.num_virtual_tokens or num_tokens
+        if len(ids) > virtual:
             raise ValueError(
-                f"prompt_tuning_init_text is {len(ids)} tokens long but num_virtual_tokens is {num_tokens}; "
+                f"prompt_tuning_init_text is {len(ids)} tokens long but num_virtual_tokens is {virtual}; "
                 f"shorten the text or raise num_virtual_tokens to at least {len(ids)}."
             )
         token_ids = torch.tensor((ids * math.ceil(num_tokens / len(ids)))[:num_tokens], dtype=torch.long)
@@ -118,10 +129,11 @@ class PromptTuningModel(PromptTuner):
 
     def build_encoder(self, config: PeftConfig, dims: PromptDims) -> nn.Module:
         assert isinstance(config, PromptTuningConfig)
-        init = initial_prompt(config, self.model.get_input_embeddings(), dims.num_virtual_tokens)
+        rows = self.prompt_rows(dims)
+        init = initial_prompt(config, self.model.get_input_embeddings(), rows)
         if init is not None and init.shape[1] != dims.token_dim:
             raise ValueError(f"token_dim {dims.token_dim} differs from the word embeddings' {init.shape[1]}.")
-        return PromptTable(dims.num_virtual_tokens, dims.token_dim, init)
+        return PromptTable(rows, dims.token_dim, init)
 
 
 register_method(PeftType.PROMPT_TUNING, PromptTuningConfig, PromptTuningModel)
