@@ -11,7 +11,7 @@ from tiny_models import VOCAB_SIZE, tiny_gpt2, tiny_llama
 
 import peftkit
 from peftkit.methods.lora import Linear as LoraLinear
-from peftkit.methods.lora_ops import LoraLinearFunction
+from peftkit.methods.lora_ops import DoraLinearFunction, LoraLinearFunction
 
 IDS = torch.randint(0, VOCAB_SIZE, (3, 9), generator=torch.Generator().manual_seed(5))
 
@@ -86,8 +86,32 @@ def test_fused_kernel_gradients_match_numerical(weight_in_out, separate_dropout,
         torch.testing.assert_close(function(x, dropped, weight, bias, lora_A, lora_B), expected)
 
 
+@pytest.mark.parametrize("weight_in_out", [False, True])
+@pytest.mark.parametrize("train_base", [False, True])
+def test_dora_kernel_gradients_match_numerical(weight_in_out, train_base) -> None:
+    """gradcheck of the DoRA kernel; the norm is an input without gradient (a constant, paper §4.3)."""
+    generator = torch.Generator().manual_seed(1)
+
+    def tensor(*shape: int, grad: bool = True) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_(grad)
+
+    x = tensor(2, 3, 5)
+    weight = tensor(5, 4, grad=train_base) if weight_in_out else tensor(4, 5, grad=train_base)
+    bias, lora_A, lora_B, magnitude = tensor(4, grad=train_base), tensor(3, 5), tensor(4, 3), tensor(4)
+    norm = tensor(4, grad=False).abs() + 0.5
+
+    def function(x_, weight_, bias_, A_, B_, m_):
+        return DoraLinearFunction.apply(x_, weight_, bias_, A_, B_, 0.7, weight_in_out, m_, norm)
+
+    assert torch.autograd.gradcheck(function, (x, weight, bias, lora_A, lora_B, magnitude))
+    with torch.no_grad():  # the formula: m / n ⊙ (x Wᵀ + s x Aᵀ Bᵀ) + b
+        w = weight.T if weight_in_out else weight
+        expected = magnitude / norm * (x @ w.T + 0.7 * (x @ lora_A.T) @ lora_B.T) + bias
+        torch.testing.assert_close(function(x, weight, bias, lora_A, lora_B, magnitude), expected)
+
+
 def test_fused_kernel_only_where_it_is_exact() -> None:
-    """The fused path serves one plain adapter; DoRA, several active adapters, a merged adapter, forward
+    """The fused path serves one adapter; DoRA with active dropout, several active adapters, a merged adapter, forward
     hooks on the base layer and mixed dtypes take the generic path (whose outputs the other tests check)."""
     model = peftkit.get_peft_model(tiny_llama(), peftkit.LoraConfig(r=4, target_modules=["q_proj"]))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -98,9 +122,14 @@ def test_fused_kernel_only_where_it_is_exact() -> None:
     handle = layer.base_layer.register_forward_hook(lambda *args: None)
     assert layer._fused_adapter(x, (), {}) is None
     handle.remove()
-    model.add_adapter("dora", peftkit.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    model.add_adapter(
+        "dora", peftkit.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, lora_dropout=0.1)
+    )
     model.set_adapter("dora")
-    assert layer._fused_adapter(x, (), {}) is None
+    layer.train()
+    assert layer._fused_adapter(x, (), {}) is None  # DoRA with dropout: both terms see the dropped input
+    layer.eval()
+    assert layer._fused_adapter(x, (), {}) == "dora"  # without active dropout DoRA has its own kernel
     model.base_model.set_adapter(["default", "dora"])
     assert layer._fused_adapter(x, (), {}) is None
     model.set_adapter("default")
@@ -295,13 +324,19 @@ def test_dora_row_norms_formula(builder) -> None:
     torch.testing.assert_close(layer._dora_row_norms("default").double(), direct(), rtol=1e-5, atol=1e-6)
 
 
-def test_dora_training_step_equals_hf_peft() -> None:
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["fused-kernel", "generic-with-dropout"])
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_dora_training_step_equals_hf_peft(builder, dropout) -> None:
     results = []
     for library in (peftkit, peft):
-        config = library.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)
-        model = library.get_peft_model(tiny_llama(), config)
+        target = "all-linear" if builder is tiny_llama else ["c_attn", "c_proj", "c_fc"]
+        config = library.LoraConfig(
+            r=4, lora_alpha=8, target_modules=target, use_dora=True, lora_dropout=dropout
+        )
+        model = library.get_peft_model(builder(), config)
         _randomize_lora(model)
         model.train()
+        torch.manual_seed(3)
         loss = model(input_ids=IDS, labels=IDS).loss
         loss.backward()
         results.append((loss.detach(), _lora_grads(model)))

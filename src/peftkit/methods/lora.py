@@ -38,7 +38,7 @@ from torch import nn
 from peftkit.config import PeftConfig, PeftType
 from peftkit.layer import AdapterLayer, linear_fan_in_fan_out
 from peftkit.merge import combine_cat, combine_linear, combine_svd
-from peftkit.methods.lora_ops import LoraLinearFunction
+from peftkit.methods.lora_ops import DoraLinearFunction, LoraLinearFunction
 from peftkit.registry import register_method
 from peftkit.targeting import per_module_value
 from peftkit.tuner import SAVED_PREFIX, BaseTuner
@@ -392,8 +392,9 @@ class Linear(LoraLayer):
             self._weight_row_sq_norms = (key, rows.to(A.dtype).pow(2).sum(1))
         weight_sq = self._weight_row_sq_norms[1]  # (out,)
         s = self.scaling[adapter_name]
-        W_At = weight.to(A.dtype).T @ A.T if self.fan_in_fan_out else weight.to(A.dtype) @ A.T  # (out, r)
-        cross = (B * W_At).sum(1)  # bᵢ·(A wᵢ)
+        # A Wᵀ with the small factor on the left (faster here, see lora_ops), as (r, out)
+        A_Wt = A @ weight.to(A.dtype) if self.fan_in_fan_out else A @ weight.to(A.dtype).T
+        cross = (B * A_Wt.T).sum(1)  # bᵢ·(A wᵢ)
         lora_sq = ((B @ (A @ A.T)) * B).sum(1)  # bᵢ (A Aᵀ) bᵢᵀ
         return (weight_sq + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
 
@@ -420,6 +421,18 @@ class Linear(LoraLayer):
         base = self.base_layer
         dropout = self.lora_dropout[name]
         dropped = None if isinstance(dropout, nn.Identity) or not self.training else dropout(x)
+        if self.use_dora[name]:
+            return DoraLinearFunction.apply(
+                x,
+                base.weight,
+                base.bias,
+                self.lora_A[name].weight,
+                self.lora_B[name].weight,
+                self.scaling[name],
+                self.fan_in_fan_out,
+                self.lora_magnitude_vector[name].weight,
+                self._dora_row_norms(name),
+            )
         return LoraLinearFunction.apply(
             x,
             dropped,
@@ -439,8 +452,9 @@ class Linear(LoraLayer):
 
     def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         """The active adapter when the fused kernel (:mod:`peftkit.methods.lora_ops`) computes this forward
-        exactly: one plain LoRA adapter, unmerged, on a plain full-precision ``Linear`` / ``Conv1D`` without
-        hooks, all tensors of one dtype. Anything else takes the generic path."""
+        exactly: one LoRA or DoRA adapter (DoRA without active dropout), unmerged, on a plain full-precision
+        ``Linear`` / ``Conv1D`` without hooks, all tensors of one dtype. Anything else takes the generic
+        path."""
         if (
             len(self.active_adapters) != 1
             or not self._plain_delta
@@ -453,8 +467,11 @@ class Linear(LoraLayer):
             return None
         name = self.active_adapters[0]
         base = self.base_layer
-        if self.use_dora[name] or type(base) not in _FUSABLE_BASES or _has_hooks(base):
-            return None
+        dora_dropout = (
+            self.use_dora[name] and self.training and not isinstance(self.lora_dropout[name], nn.Identity)
+        )
+        if dora_dropout or type(base) not in _FUSABLE_BASES or _has_hooks(base):
+            return None  # (DoRA with dropout: both of its terms see the dropped input; the generic path)
         dtype = base.weight.dtype
         if x.dtype != dtype or self.lora_A[name].weight.dtype != dtype or x.device != base.weight.device:
             return None

@@ -105,3 +105,68 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_B:
             grad_B = torch.mm(after_A_t, grad_2d).mul_(scaling).t()  # (out, r), a transposed view
         return grad_x, grad_dropped, grad_weight, grad_bias, grad_A, grad_B, None, None
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """DoRA on a linear layer without dropout: ``y = c ⊙ (x Wᵀ + s · (x Aᵀ) Bᵀ) + b`` with ``c = m / n``.
+
+    ``n = ‖W + s·BA‖`` per output feature is computed by the caller without gradient (DoRA treats it as a
+    constant in backward, paper §4.3); ``m`` is the trainable magnitude. Writing ``z = x Wᵀ + s·a Bᵀ``::
+
+        backward   ∂m = Σ_rows (g ⊙ z) / n,   g_z = g ⊙ c,   then LoRA's backward with g_z
+
+    Only ``z`` is kept besides LoRA's tensors (the module version keeps the base output and the adapter
+    output, two ``(N, out)`` tensors, and makes four more elementwise passes over them).
+
+    Args (of :meth:`apply`): ``x, weight, bias, lora_A, lora_B, scaling, weight_in_out, magnitude, norm``
+    with ``magnitude`` and ``norm`` shaped ``(out,)``; the others as in :class:`LoraLinearFunction`.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        scaling: float,
+        weight_in_out: bool,
+        magnitude: torch.Tensor,
+        norm: torch.Tensor,
+    ) -> torch.Tensor:
+        x_2d = x.reshape(-1, x.shape[-1])  # (N, in)
+        z = torch.mm(x_2d, weight if weight_in_out else weight.t())  # (N, out)
+        after_A_t = torch.mm(lora_A, x_2d.t())  # (r, N)
+        z.addmm_(after_A_t.t(), lora_B.t(), alpha=scaling)
+        inverse_norm = norm.reciprocal()
+        factor = magnitude * inverse_norm  # c, (out,)
+        out = z * factor if bias is None else torch.addcmul(bias, z, factor)
+        ctx.save_for_backward(x_2d, after_A_t, weight, lora_A, lora_B, z, factor, inverse_norm)
+        ctx.scaling, ctx.weight_in_out, ctx.x_shape = scaling, weight_in_out, x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_2d, after_A_t, weight, lora_A, lora_B, z, factor, inverse_norm = ctx.saved_tensors
+        need_x, need_w, need_b, need_A, need_B, _, _, need_m = ctx.needs_input_grad[:8]
+        scaling = ctx.scaling
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        grad_m = (grad_2d * z).sum(0).mul_(inverse_norm) if need_m else None
+        grad_bias = grad_2d.sum(0) if need_b else None
+        grad_z = grad_2d * factor  # (N, out)
+        grad_after_A_t = None
+        if need_A or need_x:
+            grad_after_A_t = torch.mm(lora_B.t(), grad_z.t()).mul_(scaling)  # (r, N)
+        grad_x = grad_weight = grad_A = grad_B = None
+        if need_x:
+            grad_x = torch.mm(grad_z, weight.t() if ctx.weight_in_out else weight)
+            grad_x.addmm_(grad_after_A_t.t(), lora_A)
+            grad_x = grad_x.view(ctx.x_shape)
+        if need_w:
+            grad_weight = x_2d.t().mm(grad_z) if ctx.weight_in_out else grad_z.t().mm(x_2d)
+        if need_A:
+            grad_A = torch.mm(grad_after_A_t, x_2d)
+        if need_B:
+            grad_B = torch.mm(after_A_t, grad_z).mul_(scaling).t()
+        return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None, grad_m, None
