@@ -18,6 +18,7 @@ adapters.
 
     python benchmarks/mixed_adapters.py                       # defaults: 10 timed rounds
     python benchmarks/mixed_adapters.py --rounds 20 --threads 2 --json out.json
+    python benchmarks/mixed_adapters.py --threads 1 --cpu-time     # on a busy machine: CPU time, 1 thread
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def check_mixed(model: Any, input_ids: torch.Tensor, names: list[str]) -> float:
     return worst
 
 
-def time_mixed(models: dict[str, Any], base: Any, seq_len: int, rounds: int) -> dict[str, Any]:
+def time_mixed(models: dict[str, Any], base: Any, seq_len: int, rounds: int, clock: Any) -> dict[str, Any]:
     input_ids = torch.randint(0, VOCAB, (ROWS, seq_len), generator=torch.Generator().manual_seed(3))
     calls: dict[str, Any] = {"base": lambda: base(input_ids=input_ids)}
     for library, model in models.items():
@@ -113,10 +114,10 @@ def time_mixed(models: dict[str, Any], base: Any, seq_len: int, rounds: int) -> 
     with torch.no_grad():
         for round_ in range(rounds + 2):  # 2 warm-up rounds
             for name, call in calls.items():
-                start = time.perf_counter()
+                start = clock()
                 call()
                 if round_ >= 2:
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(clock() - start)
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     return {"seq_len": seq_len, "median_ms": medians, "max_abs_error": errors}
 
@@ -180,6 +181,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time forwards by process CPU time (use with --threads 1 on a busy machine)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -187,7 +193,8 @@ def main() -> None:
     models = {library: add_adapters(library, base, NUM_ADAPTERS) for library in ("peftkit", "hf_peft")}
     report: dict[str, Any] = {"mixed": [], "threads": args.threads, "rounds": args.rounds}
     for seq_len in args.seq_lens:
-        result = time_mixed(models, base, seq_len, args.rounds)
+        clock = time.process_time if args.cpu_time else time.perf_counter
+        result = time_mixed(models, base, seq_len, args.rounds, clock)
         report["mixed"].append(result)
         medians = result["median_ms"]
         print(f"\n{ROWS} rows x {seq_len} tokens, {NUM_ADAPTERS} adapters loaded; median ms per forward")
