@@ -362,6 +362,91 @@ CASES += [
     ),
 ]
 
+# Combinations (methods/combined.py, mam.py, unipelt.py): several methods as one adapter. With a prefix
+# component the output changes from the start; a projected prefix is saved as its output (as alone).
+# Only a combination of mergeable methods on disjoint modules merges (LoRA on q_proj + IA3 on k, v, down).
+CASES += [
+    Case(
+        "mam-bert-seq-cls-paper-defaults",
+        "MAM",
+        tiny_bert_cls,
+        lambda: peftkit.MAMConfig(task_type="SEQ_CLS"),
+        saved_as_output=True,
+        **_PROMPT,
+    ),
+    Case(
+        "mam-llama-gqa-table-prefix",
+        "MAM",
+        tiny_llama,
+        lambda: peftkit.MAMConfig().with_component(
+            "prefix", peftkit.PrefixTuningConfig(num_virtual_tokens=4)
+        ),
+        **_PROMPT,
+    ),
+    Case(
+        "unipelt-bert-seq-cls-paper-defaults",
+        "UNIPELT",
+        tiny_bert_cls,
+        lambda: peftkit.UniPELTConfig(task_type="SEQ_CLS"),
+        saved_as_output=True,
+        **_PROMPT,
+    ),
+    Case(
+        "unipelt-llama-gqa-table-prefix",
+        "UNIPELT",
+        tiny_llama,
+        lambda: peftkit.UniPELTConfig().with_component(
+            "prefix", peftkit.PrefixTuningConfig(num_virtual_tokens=4)
+        ),
+        **_PROMPT,
+    ),
+    Case(
+        "unipelt-ap-no-lora-gpt2",
+        "UNIPELT",
+        tiny_gpt2,
+        lambda: (
+            peftkit.UniPELTConfig()
+            .with_component("lora", None)
+            .with_component("prefix", peftkit.PrefixTuningConfig(num_virtual_tokens=3))
+        ),
+        **_PROMPT,
+    ),
+    Case(
+        "combined-prefix-parallel-llama",
+        "COMBINED",
+        tiny_llama,
+        lambda: peftkit.CombinedConfig(
+            components={
+                "prefix": peftkit.PrefixTuningConfig(num_virtual_tokens=4),
+                "adapter": peftkit.BottleneckConfig(style="parallel", scaling=4.0),
+            }
+        ),
+        **_PROMPT,
+    ),
+    Case(
+        "combined-lora-bottleneck-bert-seq-cls",
+        "COMBINED",
+        tiny_bert_cls,
+        lambda: peftkit.CombinedConfig(
+            components={
+                "lora": LoraConfig(r=4, target_modules=["query", "value"]),
+                "adapter": peftkit.BottleneckConfig(style="houlsby", reduction_factor=4),
+            },
+            task_type="SEQ_CLS",
+        ),
+        mergeable=False,
+    ),
+    Case(
+        "combined-lora-ia3-llama-mergeable",
+        "COMBINED",
+        tiny_llama,
+        lambda: peftkit.CombinedConfig(
+            components={"lora": LoraConfig(r=4, target_modules=["q_proj"]), "ia3": peftkit.IA3Config()}
+        ),
+    ),
+]
+
+
 def _case_inputs(model: nn.Module, case: Case) -> dict[str, Any]:
     """``_ids()`` and, for an adapted model, the case's extra inputs (a plain base model takes none)."""
     return {**_ids(), **(case.inputs if isinstance(model, PeftModel) else {})}

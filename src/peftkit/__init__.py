@@ -12,10 +12,12 @@ from peftkit.methods.adalora import AdaLoraConfig, AdaLoraModel
 from peftkit.methods.adaption_prompt import AdaptionPromptConfig
 from peftkit.methods.bitfit import BitFitConfig, BitFitModel
 from peftkit.methods.bottleneck import BottleneckConfig, BottleneckModel, Parallel
+from peftkit.methods.combined import CombinedConfig, CombinedModel
 from peftkit.methods.freeze import FreezeConfig, FreezeModel, HeadOnlyConfig
 from peftkit.methods.fusion import AdapterFusionConfig
 from peftkit.methods.ia3 import IA3Config, IA3Model
 from peftkit.methods.lora import LoraConfig, LoraModel
+from peftkit.methods.mam import MAMConfig
 from peftkit.methods.multitask_prompt_tuning import (
     MultitaskPromptTuningConfig,
     MultitaskPromptTuningInit,
@@ -29,6 +31,7 @@ from peftkit.methods.p_tuning import (
 from peftkit.methods.p_tuning_v2 import PTuningV2Config, PTuningV2Model
 from peftkit.methods.prefix_tuning import PrefixTuningConfig, PrefixTuningModel
 from peftkit.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit, PromptTuningModel
+from peftkit.methods.unipelt import UniPELTConfig, UniPELTModel
 from peftkit.peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -57,6 +60,8 @@ __all__ = [
     "BitFitModel",
     "BottleneckConfig",
     "BottleneckModel",
+    "CombinedConfig",
+    "CombinedModel",
     "FreezeConfig",
     "FreezeModel",
     "HeadOnlyConfig",
@@ -64,6 +69,7 @@ __all__ = [
     "IA3Model",
     "LoraConfig",
     "LoraModel",
+    "MAMConfig",
     "ModulesToSaveWrapper",
     "MultitaskPromptTuningConfig",
     "MultitaskPromptTuningInit",
@@ -90,6 +96,8 @@ __all__ = [
     "PromptTuningInit",
     "PromptTuningModel",
     "TaskType",
+    "UniPELTConfig",
+    "UniPELTModel",
     "__version__",
     "get_peft_model",
     "get_peft_model_state_dict",

@@ -57,7 +57,11 @@ def inspect_adapter(folder: str) -> dict[str, Any]:
     else:
         raise FileNotFoundError(f"{folder} has no {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}.")
 
-    containers = set(get_method(str(config.peft_type)).tuner_cls.layer_cls.adapter_param_containers)
+    tuner_cls = get_method(str(config.peft_type)).tuner_cls
+    containers = set(tuner_cls.layer_cls.adapter_param_containers)
+    # a method made of parts (a combination's components): each part's keys start with its own prefix
+    parts = tuner_cls.saved_tensor_parts(config)
+    part_counts: dict[str, int] = dict.fromkeys(parts, 0)
     adapted: dict[str, int] = defaultdict(int)
     other: dict[str, int] = {}
     itemsize = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "U8": 1, "I64": 8, "I32": 4}
@@ -74,18 +78,25 @@ def inspect_adapter(folder: str) -> dict[str, Any]:
             .replace("BFLOAT16", "BF16")
         )
         total_bytes += numel * itemsize.get(dtype, 4)
-        segments = key.removeprefix("base_model.model.").split(".")
-        cut = next((i for i, seg in enumerate(segments) if seg in containers), None)
+        part = next((label for label, (prefix, _) in parts.items() if key.startswith(prefix)), None)
+        local, part_containers, shown = key, containers, ""
+        if part is not None:
+            prefix, part_containers_list = parts[part]
+            part_counts[part] += numel
+            local, part_containers, shown = key.removeprefix(prefix), set(part_containers_list), prefix
+        segments = local.removeprefix("base_model.model.").split(".")
+        cut = next((i for i, seg in enumerate(segments) if seg in part_containers), None)
         if cut is None:
             other[key] = numel
         else:
-            adapted[".".join(segments[:cut])] += numel
+            adapted[shown.replace(".", ": ") + ".".join(segments[:cut])] += numel
     return {
         "folder": folder,
         "peft_type": str(config.peft_type),
         "task_type": str(config.task_type) if config.task_type else None,
         "base_model_name_or_path": config.base_model_name_or_path,
         "config": config.to_dict(),
+        "components": part_counts,
         "adapted_modules": dict(sorted(adapted.items())),
         "other_tensors": other,
         "num_tensors": len(shapes),
@@ -109,7 +120,21 @@ def _print_inspection(info: dict[str, Any]) -> None:
     print(f"size on disk   : {_human_bytes(info['size_bytes'])} of tensor data")
     skip = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode"}
     settings = {k: v for k, v in info["config"].items() if k not in skip and v not in (None, {}, [])}
+    if info.get("components"):
+        settings.pop("components", None)  # printed per component below
     print("config         : " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())))
+    if info.get("components"):
+        print(f"components     : {len(info['components'])}")
+        saved = info["config"].get("components") or []
+        for index, (label, numel) in enumerate(info["components"].items()):
+            print(f"  {label:<60} {numel:>12,d}")
+            if index < len(saved):
+                sub = {
+                    k: v
+                    for k, v in saved[index]["config"].items()
+                    if k not in skip and v not in (None, {}, [])
+                }
+                print("      " + ", ".join(f"{k}={v}" for k, v in sorted(sub.items())))
     print(f"adapted modules: {len(info['adapted_modules'])}")
     for name, numel in info["adapted_modules"].items():
         print(f"  {name:<60} {numel:>12,d}")

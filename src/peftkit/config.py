@@ -42,6 +42,7 @@ class PeftType(str, enum.Enum):
     FREEZE = "FREEZE"
     UNIPELT = "UNIPELT"
     MAM = "MAM"
+    COMBINED = "COMBINED"  # several methods on one model (methods/combined.py)
 
     def __str__(self) -> str:
         return self.value

@@ -139,6 +139,8 @@ class PeftModel(nn.Module):
             f"trainable params: {trainable:,d} || all params: {total:,d} || "
             f"trainable%: {100 * trainable / total:.4f}"
         )
+        for part, count in self.base_model.parameter_count_parts().items():  # a combination's components
+            print(f"  {part}: {count:,d}")
 
     # ----------------------------------------------------------------------------- checkpoints
     def save_pretrained(

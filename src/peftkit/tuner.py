@@ -185,6 +185,18 @@ class BaseTuner(nn.Module):
         config stays as the user wrote it)."""
         return {}
 
+    def parameter_count_parts(self) -> dict[str, int]:
+        """Parameter counts of the parts of the active adapter(s), for a method made of parts (a
+        combination's components); ``print_trainable_parameters`` prints them under the total. ``{}``: one
+        part."""
+        return {}
+
+    @classmethod
+    def saved_tensor_parts(cls, config: PeftConfig) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """For ``peftkit inspect``: part label -> (on-disk key prefix, that part's layer containers), for a
+        method whose file holds several parts. ``{}``: one part, described by ``layer_cls``."""
+        return {}
+
     # ------------------------------------------------------------------------------- plumbing
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)

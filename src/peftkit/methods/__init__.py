@@ -1,3 +1,18 @@
-"""Built-in methods. Importing a method module registers it; add new methods to this list."""
+"""Built-in methods. Importing a method module registers it; add new methods to this list.
 
-from peftkit.methods import adalora, adaption_prompt, bitfit, bottleneck, freeze, fusion, ia3, lora  # noqa: F401
+``combined``, ``mam`` and ``unipelt`` combine the methods above them (several methods as one adapter).
+"""
+
+from peftkit.methods import (  # noqa: F401
+    adalora,
+    adaption_prompt,
+    bitfit,
+    bottleneck,
+    combined,
+    freeze,
+    fusion,
+    ia3,
+    lora,
+    mam,
+    unipelt,
+)
