@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
@@ -81,7 +83,29 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
     "t5": _seeded(
         lambda: T5ForConditionalGeneration(
             T5Config(
-                vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4
+                vocab_size=V,
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_decoder_layers=2,
+                num_heads=4,
+                decoder_start_token_id=0,
+            )
+        )
+    ),
+    "bart": _seeded(
+        lambda: BartForConditionalGeneration(
+            BartConfig(
+                vocab_size=V,
+                d_model=32,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=64,
+                decoder_ffn_dim=64,
+                max_position_embeddings=64,
             )
         )
     ),
@@ -139,16 +163,60 @@ def blocks(arch: str) -> list[tuple[str, str, str]]:
             for i in (0, 1)
         ]
         return enc + dec
+    if arch == "bart":  # post-LN: the feed-forward input is the output of the LayerNorm before fc1
+        return [
+            (
+                f"model.{stack}.layers.{i}.self_attn.out_proj",
+                f"model.{stack}.layers.{i}.fc2",
+                f"model.{stack}.layers.{i}.{norm}",
+            )
+            for stack, norm in (("encoder", "self_attn_layer_norm"), ("decoder", "encoder_attn_layer_norm"))
+            for i in (0, 1)
+        ]
     assert arch == "opt"
     p = "model.decoder.layers"
     return [(f"{p}.{i}.self_attn.out_proj", f"{p}.{i}.fc2", f"{p}.{i}.final_layer_norm") for i in (0, 1)]
+
+
+def attention_inputs(arch: str) -> dict[str, tuple[str, str]]:
+    """Hand-written expectation, per attention output projection: where the self-attention sub-layer's input
+    can be seen independently of peftkit's hooks: ``("output", m)``: the output of module ``m`` (the
+    pre-LN norm), ``("input", m)``: the input of block ``m`` (post-LN blocks attend over the block input)."""
+    attention_output = {a: a for a, _, _ in blocks(arch)}
+    if arch in ("bert", "roberta"):
+        return {a: ("input", a.split(".attention.")[0]) for a in attention_output}
+    if arch == "bart":
+        return {a: ("input", a.split(".self_attn.")[0]) for a in attention_output}
+    norm = {
+        "gpt2": lambda a: a.replace("attn.c_proj", "ln_1"),
+        "t5": lambda a: a.replace("SelfAttention.o", "layer_norm"),
+        "opt": lambda a: a.replace("self_attn.out_proj", "self_attn_layer_norm"),
+    }.get(arch, lambda a: a.replace("self_attn.o_proj", "input_layernorm"))  # llama, mistral, qwen2
+    return {a: ("output", norm(a)) for a in attention_output}
+
+
+def record_attention_inputs(model: nn.Module, arch: str) -> tuple[dict[str, Any], list[Any]]:
+    """Record, under each attention output projection's name, the input of its self-attention sub-layer."""
+    seen: dict[str, Any] = {}
+    handles = []
+    for name, (kind, module_name) in attention_inputs(arch).items():
+        module = model.get_submodule(module_name)
+        if kind == "output":
+            hook = module.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(n, o))
+        else:
+            hook = module.register_forward_pre_hook(
+                lambda m, a, kw, n=name: seen.__setitem__(n, a[0] if a else kw["hidden_states"]),
+                with_kwargs=True,
+            )
+        handles.append(hook)
+    return seen, handles
 
 
 def inputs(arch: str, batch: int = 2, length: int = 7, seed: int = 5) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, V, (batch, length), generator=g)
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if arch == "t5":
+    if arch in ("t5", "bart"):
         out["decoder_input_ids"] = torch.randint(3, V, (batch, 5), generator=g)
     return out
 
@@ -211,11 +279,49 @@ def test_placement_and_formula_per_architecture(arch: str, style: str) -> None:
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
-@pytest.mark.parametrize("style", ["houlsby", "pfeiffer", "parallel"])
+@pytest.mark.parametrize("placement", ["attention", "both"])
+def test_parallel_adapter_beside_attention_reads_the_attention_input(arch: str, placement: str) -> None:
+    config = BottleneckConfig(
+        style="parallel", parallel_placement=placement, reduction_factor=4, non_linearity="gelu", scaling=1.5
+    )
+    model = get_peft_model(MODELS[arch](0), config)
+    inner = model.base_model.model
+    wrapped = {n for n, m in inner.named_modules() if isinstance(m, BottleneckLayer)}
+    attention = set(attention_inputs(arch))
+    ffn_input_of = {f: p for _, f, p in blocks(arch)}
+    assert wrapped == (attention if placement == "attention" else attention | set(ffn_input_of))
+    randomize(model)
+    seen, handles = record_outputs(inner, sorted(wrapped) + [f"{n}.base_layer" for n in wrapped])
+    producers, more = record_outputs(inner, list(ffn_input_of.values()))
+    read, more_handles = record_attention_inputs(inner, arch)
+    logits(model, inputs(arch))
+    for handle in handles + more + more_handles:
+        handle.remove()
+    for name in wrapped:
+        layer = inner.get_submodule(name)
+        source = read[name] if name in attention else producers[ffn_input_of[name]]
+        down, up = layer.adapter_down["default"], layer.adapter_up["default"]
+        expected_out = seen[f"{name}.base_layer"] + 1.5 * F.linear(
+            F.gelu(F.linear(source, down.weight, down.bias)), up.weight, up.bias
+        )
+        torch.testing.assert_close(seen[name], expected_out, atol=1e-5, rtol=1e-5, msg=name)
+
+
+STYLES = ["houlsby", "pfeiffer", "parallel", "parallel/attention", "parallel/both"]
+
+
+def style_config(style: str, **kwargs: Any) -> BottleneckConfig:
+    """``"parallel/attention"`` -> ``BottleneckConfig(style="parallel", parallel_placement="attention")``."""
+    name, _, placement = style.partition("/")
+    return BottleneckConfig(style=name, parallel_placement=placement or "ffn", **kwargs)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("style", STYLES)
 def test_fresh_adapter_is_exactly_the_base(arch: str, style: str) -> None:
     batch = inputs(arch)
     expected = logits(MODELS[arch](0), batch)
-    model = get_peft_model(MODELS[arch](0), BottleneckConfig(style=style))
+    model = get_peft_model(MODELS[arch](0), style_config(style))
     assert torch.equal(logits(model, batch), expected)
 
 
@@ -395,15 +501,13 @@ def test_robust_drop_samples_how_many_lower_layers_to_skip() -> None:
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
-@pytest.mark.parametrize("style", ["pfeiffer", "parallel", "houlsby"])
+@pytest.mark.parametrize("style", ["pfeiffer", "parallel", "houlsby", "parallel/attention"])
 def test_parallel_equals_separate_passes_and_runs_lower_blocks_once(arch: str, style: str) -> None:
     kw = {"task_type": "SEQ_CLS"} if arch == "bert" else {}
     names = ["a", "b", "c"]
-    model = get_peft_model(
-        MODELS[arch](0), BottleneckConfig(style=style, drop_layers=1, **kw), adapter_name="a"
-    )
+    model = get_peft_model(MODELS[arch](0), style_config(style, drop_layers=1, **kw), adapter_name="a")
     for name in names[1:]:
-        model.add_adapter(name, BottleneckConfig(style=style, drop_layers=1, non_linearity="gelu", **kw))
+        model.add_adapter(name, style_config(style, drop_layers=1, non_linearity="gelu", **kw))
     randomize(model)
     if arch == "bert":  # each task has its own classifier head
         with torch.no_grad():
@@ -433,7 +537,7 @@ def test_parallel_equals_separate_passes_and_runs_lower_blocks_once(arch: str, s
     assert together.shape[0] == 9
     torch.testing.assert_close(together, torch.cat(separate), atol=1e-5, rtol=1e-5)
     # the composition survives adding an adapter and ends when another set_adapter call replaces it
-    model.add_adapter("d", BottleneckConfig(style=style, drop_layers=1, **kw))
+    model.add_adapter("d", style_config(style, drop_layers=1, **kw))
     assert logits(model, batch).shape[0] == 9
     model.set_adapter("a")
     torch.testing.assert_close(logits(model, batch), separate[0])
@@ -466,6 +570,8 @@ def test_parallel_errors() -> None:
         ({"bottleneck_size": 0}, "bottleneck_size"),
         ({"drop_layers": -1}, "drop_layers"),
         ({"ffn_output_modules": []}, "empty"),
+        ({"style": "parallel", "parallel_placement": "mlp"}, "parallel_placement"),
+        ({"style": "houlsby", "parallel_placement": "attention"}, "style='parallel'"),
     ],
 )
 def test_bad_configs(kwargs: dict[str, Any], match: str) -> None:

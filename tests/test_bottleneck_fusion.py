@@ -148,31 +148,88 @@ def test_mixed_batch_rows_can_use_the_fusion() -> None:
     torch.testing.assert_close(mixed[1], second, atol=1e-5, rtol=1e-5)
 
 
-def test_save_load_with_the_fused_adapters(tmp_path: Path) -> None:
+def saved_fusion_model(tmp_path: Path, fusion_name: str = "fusion") -> tuple[PeftModel, torch.Tensor]:
+    """A bert model with adapters sst2, cola and a trained-looking fusion, saved to ``tmp_path``; and its
+    logits with the fusion active."""
     model = two_adapter_model(build=tiny_bert_seq_cls, style="parallel")
-    model.add_adapter("fusion", AdapterFusionConfig(adapters=["sst2", "cola"], task_type="SEQ_CLS"))
-    model.set_adapter("fusion")
+    model.add_adapter(fusion_name, AdapterFusionConfig(adapters=["sst2", "cola"], task_type="SEQ_CLS"))
+    model.set_adapter(fusion_name)
     with torch.no_grad():
-        for p in fusion_params(model).values():
+        for p in fusion_params(model, fusion_name).values():
             p.add_(torch.randn_like(p) * 0.05)
-    expected = logits(model)
     model.save_pretrained(tmp_path)
+    return model, logits(model)
+
+
+def test_one_call_loads_the_fusion_with_the_adapters_saved_beside_it(tmp_path: Path) -> None:
+    model, expected = saved_fusion_model(tmp_path)
     saved = json.loads((tmp_path / "fusion" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "ADAPTER_FUSION" and saved["adapters"] == ["sst2", "cola"]
+    assert set(saved["adapter_fingerprints"]) == {"sst2", "cola"}
 
+    loaded = PeftModel.from_pretrained(tiny_bert_seq_cls(0), tmp_path / "fusion", adapter_name="fusion")
+    assert list(loaded.peft_config) == ["sst2", "cola", "fusion"] and loaded.active_adapters == ["fusion"]
+    assert torch.equal(logits(loaded), expected)
+    for name in ("sst2", "cola"):  # the fused adapters came back bit for bit, heads included
+        model.set_adapter(name)
+        loaded.set_adapter(name)
+        assert torch.equal(logits(loaded), logits(model))
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+    # load_adapter on a model that has one of the adapters loads the other one too
+    partial = PeftModel.from_pretrained(tiny_bert_seq_cls(0), tmp_path / "sst2", adapter_name="sst2")
+    partial.load_adapter(tmp_path / "fusion", "fusion")
+    assert list(partial.peft_config) == ["sst2", "cola", "fusion"]
+    partial.set_adapter("fusion")
+    assert torch.equal(logits(partial), expected)
+
+    # to train further: only the fusion (and its head) train, its adapters stay frozen
+    trainable = PeftModel.from_pretrained(tiny_bert_seq_cls(0), tmp_path / "fusion", is_trainable=True)
+    names = {n for n, p in trainable.named_parameters() if p.requires_grad}
+    assert trainable.active_adapters == ["default"]  # from_pretrained's default name, as for any adapter
+    assert names and all(".default." in n for n in names)
+
+
+def test_a_fusion_saved_as_default_finds_its_adapters_in_subfolders(tmp_path: Path) -> None:
+    _, expected = saved_fusion_model(tmp_path, fusion_name="default")
+    assert (tmp_path / "adapter_config.json").is_file() and (
+        tmp_path / "sst2" / "adapter_config.json"
+    ).is_file()
+    loaded = PeftModel.from_pretrained(tiny_bert_seq_cls(0), tmp_path)
+    assert loaded.active_adapters == ["default"] and torch.equal(logits(loaded), expected)
+
+
+def test_loading_a_fusion_without_its_adapters_is_a_clear_error(tmp_path: Path) -> None:
+    model, expected = saved_fusion_model(tmp_path / "all")
+    model.save_pretrained(tmp_path / "alone", selected_adapters=["fusion"])
     base = tiny_bert_seq_cls(0)
     with pytest.raises(ValueError, match=r"lacks \['sst2', 'cola'\].*load_adapter"):
-        PeftModel.from_pretrained(base, tmp_path / "fusion", adapter_name="fusion")
+        PeftModel.from_pretrained(base, tmp_path / "alone" / "fusion", adapter_name="fusion")
     assert not any(isinstance(m, BottleneckLayer) for m in base.modules())
-
-    loaded = PeftModel.from_pretrained(base, tmp_path / "sst2", adapter_name="sst2")
+    loaded = PeftModel.from_pretrained(base, tmp_path / "all" / "sst2", adapter_name="sst2")
     with pytest.raises(ValueError, match=r"lacks \['cola'\]"):
-        loaded.load_adapter(tmp_path / "fusion", "fusion")
+        loaded.load_adapter(tmp_path / "alone" / "fusion", "fusion")
     assert list(loaded.peft_config) == ["sst2"]
-    loaded.load_adapter(tmp_path / "cola", "cola")
-    loaded.load_adapter(tmp_path / "fusion", "fusion")
+    # the adapters loaded by hand, then the fusion: the same model
+    loaded.load_adapter(tmp_path / "all" / "cola", "cola")
+    loaded.load_adapter(tmp_path / "alone" / "fusion", "fusion")
     loaded.set_adapter("fusion")
     assert torch.equal(logits(loaded), expected)
+
+
+def test_a_changed_adapter_beside_the_fusion_is_refused(tmp_path: Path) -> None:
+    model, _ = saved_fusion_model(tmp_path)
+    with torch.no_grad():  # sst2 trained further and saved again, alone: the fusion was made for the old one
+        model.base_model.model.bert.encoder.layer[1].output.dense.adapter_up["sst2"].weight.add_(0.1)
+    model.save_pretrained(tmp_path, selected_adapters=["sst2"])
+    base = tiny_bert_seq_cls(0)
+    with pytest.raises(ValueError, match=r"adapter 'sst2' other than the one"):
+        PeftModel.from_pretrained(base, tmp_path / "fusion")
+    assert not any(isinstance(m, BottleneckLayer) for m in base.modules())
+    partial = PeftModel.from_pretrained(base, tmp_path / "cola", adapter_name="cola")
+    with pytest.raises(ValueError, match="other than the one"):
+        partial.load_adapter(tmp_path / "fusion", "fusion")
+    assert list(partial.peft_config) == ["cola"]
 
 
 def test_fusion_errors() -> None:

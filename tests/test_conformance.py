@@ -243,6 +243,13 @@ CASES += [
         mergeable=False,
     ),
     Case(
+        "bottleneck-parallel-attention-gpt2",
+        "BOTTLENECK",
+        tiny_gpt2,
+        lambda: peftkit.BottleneckConfig(style="parallel", parallel_placement="both", scaling=2.0),
+        mergeable=False,
+    ),
+    Case(
         "bottleneck-houlsby-init-drop-llama",
         "BOTTLENECK",
         tiny_llama,

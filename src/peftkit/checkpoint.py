@@ -70,6 +70,19 @@ def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return full_tensor() if callable(full_tensor) else tensor
 
 
+def adapter_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of an adapter's saved tensors (names, dtypes, shapes and bytes, in name order): equal
+    fingerprints mean the same file contents, whatever the file format."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def set_peft_model_state_dict(
     model: PeftModel, state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
 ) -> None:

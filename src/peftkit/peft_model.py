@@ -15,13 +15,14 @@ from typing import Any, ClassVar
 from torch import nn
 
 from peftkit.checkpoint import (
+    adapter_fingerprint,
     get_peft_model_state_dict,
     load_adapter_weights,
     save_adapter_weights,
     set_peft_model_state_dict,
     validate_adapter_name,
 )
-from peftkit.config import PeftConfig, TaskType
+from peftkit.config import CONFIG_NAME, PeftConfig, TaskType
 from peftkit.layer import AdapterLayer
 from peftkit.registry import get_method
 from peftkit.targeting import name_matches
@@ -232,6 +233,9 @@ class PeftModel(nn.Module):
     ) -> PeftModel:
         """Wrap ``model`` and load the adapter saved in ``model_id`` (a folder, or a hub id).
 
+        An adapter that builds on others (an AdapterFusion) also loads those, from where ``save_pretrained``
+        wrote them beside it, and is made the active adapter.
+
         Raises:
             ValueError: the checkpoint does not fit the model (keys and shapes are named); the base model
                 is left as it was.
@@ -242,6 +246,21 @@ class PeftModel(nn.Module):
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder)
         config = config.replace(inference_mode=not is_trainable)
+        required = _required_adapters_saved_beside(config, folder, present={adapter_name})
+        if required:
+            first, *rest = required
+            peft_model = cls.from_pretrained(model, required[first], adapter_name=first)
+            try:
+                for name in rest:
+                    peft_model.load_adapter(required[name], name)
+                peft_model._add_saved_adapter(folder, adapter_name, config, load_adapter_weights(folder))
+                peft_model.set_adapter(adapter_name)
+            except BaseException:
+                peft_model.base_model.remove_all_adapters()
+                raise
+            if not is_trainable:
+                peft_model.eval()
+            return peft_model
         if cls is PeftModel:
             cls = TASK_TO_PEFT_MODEL.get(str(config.task_type), PeftModel)  # type: ignore[assignment]
         peft_model = cls(model, config, adapter_name)
@@ -257,7 +276,9 @@ class PeftModel(nn.Module):
     def load_adapter(
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
     ) -> None:
-        """Load a saved adapter under ``adapter_name`` (not activated). Nothing changes on error."""
+        """Load a saved adapter under ``adapter_name`` (not activated). An adapter that builds on others (an
+        AdapterFusion) first loads those the model lacks, from where ``save_pretrained`` wrote them beside it.
+        Nothing changes on error."""
         model_id = os.fspath(model_id)
         subfolder = kwargs.pop("subfolder", None)
         folder = os.path.join(model_id, subfolder) if subfolder else model_id
@@ -265,6 +286,21 @@ class PeftModel(nn.Module):
             inference_mode=not is_trainable
         )
         weights = load_adapter_weights(folder)  # read (and check) the file before touching the model
+        required = _required_adapters_saved_beside(config, folder, present={adapter_name, *self.peft_config})
+        loaded: list[str] = []
+        try:
+            for name, path in required.items():
+                self.load_adapter(path, name)
+                loaded.append(name)
+            self._add_saved_adapter(folder, adapter_name, config, weights)
+        except BaseException:
+            for name in reversed(loaded):
+                self.delete_adapter(name)
+            raise
+
+    def _add_saved_adapter(
+        self, folder: str, adapter_name: str, config: PeftConfig, weights: dict[str, Any]
+    ) -> None:
         self.add_adapter(adapter_name, config)
         try:
             set_peft_model_state_dict(self, weights, adapter_name)
@@ -305,6 +341,39 @@ TASK_TO_PEFT_MODEL: dict[str, type[PeftModel]] = {
     TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
     TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
 }
+
+
+def _required_adapters_saved_beside(config: PeftConfig, folder: str, present: set[str]) -> dict[str, str]:
+    """The adapters that ``config``'s adapter builds on (its method's ``required_adapters``) and that are not
+    in ``present``, each with the folder ``save_pretrained`` wrote it to: ``<folder>/<name>`` (this adapter
+    saved as ``"default"``) or ``<folder>/../<name>`` (saved beside it). ``{}`` when none is needed or one
+    of them is not there (the method then says what is missing).
+
+    Raises:
+        ValueError: a folder holds a different adapter than the one recorded when this one was saved.
+    """
+    try:
+        needed = get_method(str(config.peft_type)).tuner_cls.required_adapters(config)
+    except KeyError:
+        return {}
+    missing = {name: fingerprint for name, fingerprint in needed.items() if name not in present}
+    if not missing or not os.path.isdir(folder):
+        return {}
+    here = os.path.normpath(folder)
+    parent = os.path.dirname(here)
+    found = {}
+    for name, fingerprint in missing.items():
+        candidates = [os.path.join(here, name), parent if name == "default" else os.path.join(parent, name)]
+        path = next((c for c in candidates if os.path.isfile(os.path.join(c, CONFIG_NAME))), None)
+        if path is None:
+            return {}
+        if fingerprint is not None and adapter_fingerprint(load_adapter_weights(path)) != fingerprint:
+            raise ValueError(
+                f"{path} holds an adapter {name!r} other than the one {folder} was saved with (its tensors "
+                f"differ). Load the right {name!r} first (model.load_adapter(path, {name!r})), then {folder}."
+            )
+        found[name] = path
+    return found
 
 
 def _same_tuner(config: PeftConfig, tuner: BaseTuner) -> bool:

@@ -192,6 +192,14 @@ class BaseTuner(nn.Module):
         return {}
 
     @classmethod
+    def required_adapters(cls, config: PeftConfig) -> dict[str, str | None]:
+        """Adapters that an adapter with ``config`` builds on (AdapterFusion: the adapters it fuses), each with
+        the fingerprint of its saved tensors (:func:`peftkit.checkpoint.adapter_fingerprint`) or ``None``.
+        ``PeftModel.from_pretrained`` / ``load_adapter`` load the ones the model lacks from where
+        ``save_pretrained`` wrote them beside it. ``{}``: none."""
+        return {}
+
+    @classmethod
     def saved_tensor_parts(cls, config: PeftConfig) -> dict[str, tuple[str, tuple[str, ...]]]:
         """For ``peftkit inspect``: part label -> (on-disk key prefix, that part's layer containers), for a
         method whose file holds several parts. ``{}``: one part, described by ``layer_cls``."""

@@ -12,20 +12,22 @@ A bottleneck adapter is a small two-layer network with a residual connection::
   Learning", EACL 2021, arXiv:2005.00247): one serial adapter per block, on the feed-forward output.
 * ``style="parallel"`` (He et al., "Towards a Unified View of Parameter-Efficient Transfer Learning",
   ICLR 2022, arXiv:2110.04366): the adapter reads the feed-forward sub-layer's *input* ``x`` and its output
-  is added to the sub-layer's output: ``y = FFN(x) + s · adapter(x)`` (He et al. use ``s = 4``).
+  is added to the sub-layer's output: ``y = FFN(x) + s · adapter(x)`` (He et al. use ``s = 4``). With
+  ``parallel_placement="attention"`` it sits beside the self-attention sub-layer instead:
+  ``y = Attn(x) + s · adapter(x)`` (added at the attention output projection); ``"both"`` puts one at each.
 
 Where they sit in a (pre-LN) block; the adapter wraps the named module, nothing of the model's forward is
 copied::
 
-    x ─► LN ─► attention ─► o_proj ─►[houlsby]─► + ─► LN ─┬─► FFN ... down_proj ─►[houlsby|pfeiffer]─► (+) ─► + ─►
-    │                                                 ▲    │                                             ▲      ▲
-    └─────────────────────────────────────────────────┘    └──────────────►[parallel]────────────────────┘      │
-                                                          └──────────────────── residual ──────────────────────┘
+    x ─┬─► LN ─┬─► attn … o_proj ─►[houlsby]─►(+)─►(+)─┬─► LN ─┬─► FFN … down_proj ─►[houlsby|pfeiffer]─►(+)─►(+)─►
+       │       └──►[parallel, "attention"]─────┘    ▲  │       └──►[parallel, "ffn"]──────────────────────┘    ▲
+       └───────────────── residual ─────────────────┘  └────────────────────── residual ───────────────────────┘
 
 The placement is a small role map per architecture (:data:`BOTTLENECK_ROLES`): the attention output
-projection, the feed-forward output projection, and the module whose *input* is the feed-forward input
-(read by a forward pre-hook for parallel adapters). Other models name the modules with
-``attention_output_modules`` / ``ffn_output_modules`` / ``ffn_input_modules``.
+projection, the feed-forward output projection, and the modules whose *input* is the feed-forward input and
+the self-attention input (read by a forward pre-hook for parallel adapters). Other models name the modules
+with ``attention_output_modules`` / ``ffn_output_modules`` / ``ffn_input_modules`` /
+``attention_input_modules``.
 
 The up-projection starts at zero (``init="zero"``; the down-projection has torch's Kaiming-uniform weight),
 so a fresh adapter leaves the model's output exactly unchanged; ``init="houlsby"`` draws both projections
@@ -37,7 +39,9 @@ skips, at each training forward, the adapters of the lowest ``n ~ U{0..k}`` bloc
 eval mode); ``set_adapter(Parallel("a", "b"))`` runs one batch through several task adapters at once: the
 blocks below the first adapter run once, then the hidden states are repeated once per task and each copy
 goes through its own adapters. The outputs come back stacked along the batch dimension
-(``[task a rows; task b rows; ...]``).
+(``[task a rows; task b rows; ...]``); ``labels`` are repeated too (the loss is the mean over the tasks'
+copies), ``generate`` runs the copies as one mixed-adapter batch, and on encoder-decoder models the lower
+encoder blocks are shared.
 
 Bottleneck adapters add a non-linear function of the activations, so they cannot be merged into weights.
 AdapterFusion (``methods/fusion.py``) combines several trained bottleneck adapters on the same layers.
@@ -47,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,35 +60,52 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftkit.checkpoint import adapter_fingerprint
 from peftkit.config import PeftConfig, PeftType
 from peftkit.layer import AdapterLayer, ModulesToSaveWrapper
 from peftkit.registry import get_method, register_method, registered_methods
 from peftkit.targeting import name_matches
-from peftkit.tuner import BaseTuner, split_module_name
+from peftkit.tuner import BaseTuner
 
 STYLES = ("houlsby", "pfeiffer", "parallel")
+ROLE_FIELDS = (
+    "attention_output_modules",
+    "ffn_output_modules",
+    "ffn_input_modules",
+    "attention_input_modules",
+)
 INITS = ("zero", "houlsby")
 NON_LINEARITIES = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh}
 
 _BERT_ROLES = {
+    "attention_input": r".*\.layer\.\d+\.attention",
     "attention_output": r".*\.layer\.\d+\.attention\.output\.dense",
     "ffn_output": r".*\.layer\.\d+\.output\.dense",
     "ffn_input": r".*\.layer\.\d+\.intermediate",
 }
 _LLAMA_ROLES = {
+    "attention_input": r".*\.layers\.\d+\.self_attn",
     "attention_output": r".*\.layers\.\d+\.self_attn\.o_proj",
     "ffn_output": r".*\.layers\.\d+\.mlp\.down_proj",
     "ffn_input": r".*\.layers\.\d+\.mlp",
 }
 _T5_ROLES = {
+    "attention_input": r".*\.block\.\d+\.layer\.0\.SelfAttention",
     "attention_output": r".*\.block\.\d+\.layer\.0\.SelfAttention\.o",
     "ffn_output": r".*\.block\.\d+\.layer\.\d+\.DenseReluDense\.wo",
     "ffn_input": r".*\.block\.\d+\.layer\.\d+\.DenseReluDense",
 }
+_OPT_ROLES = {  # OPT, and BART's encoder and decoder (self-attention only, not the decoder's cross-attention)
+    "attention_input": r".*\.layers\.\d+\.self_attn",
+    "attention_output": r".*\.layers\.\d+\.self_attn\.out_proj",
+    "ffn_output": r".*\.layers\.\d+\.fc2",
+    "ffn_input": r".*\.layers\.\d+\.fc1",
+}
 
 #: Full-match regexes of the modules each role names, keyed by ``model.config.model_type``:
 #: ``attention_output`` (the attention output projection), ``ffn_output`` (the feed-forward output
-#: projection) and ``ffn_input`` (the module whose input is the feed-forward sub-layer's input).
+#: projection), ``ffn_input`` (the module whose input is the feed-forward sub-layer's input) and
+#: ``attention_input`` (the module whose input is the self-attention sub-layer's input).
 BOTTLENECK_ROLES: dict[str, dict[str, str]] = {
     "bert": _BERT_ROLES,
     "roberta": _BERT_ROLES,
@@ -94,6 +115,7 @@ BOTTLENECK_ROLES: dict[str, dict[str, str]] = {
         "attention_output": r".*\.h\.\d+\.attn\.c_proj",
         "ffn_output": r".*\.h\.\d+\.mlp\.c_proj",
         "ffn_input": r".*\.h\.\d+\.mlp",
+        "attention_input": r".*\.h\.\d+\.attn",
     },
     "llama": _LLAMA_ROLES,
     "mistral": _LLAMA_ROLES,
@@ -102,18 +124,23 @@ BOTTLENECK_ROLES: dict[str, dict[str, str]] = {
     "gemma": _LLAMA_ROLES,
     "t5": _T5_ROLES,
     "mt5": _T5_ROLES,
-    "opt": {
-        "attention_output": r".*\.layers\.\d+\.self_attn\.out_proj",
-        "ffn_output": r".*\.layers\.\d+\.fc2",
-        "ffn_input": r".*\.layers\.\d+\.fc1",
-    },
+    "opt": _OPT_ROLES,
+    "bart": _OPT_ROLES,
+    "mbart": _OPT_ROLES,
 }
 
-#: which roles carry an adapter in each style (parallel adapters also read the ``ffn_input`` role)
+#: which roles carry an adapter in each style (parallel adapters also read the ``ffn_input`` role); with
+#: ``parallel_placement`` other than ``"ffn"`` see :data:`PARALLEL_PLACEMENTS`
 STYLE_ROLES = {
     "houlsby": ("attention_output", "ffn_output"),
     "pfeiffer": ("ffn_output",),
     "parallel": ("ffn_output",),
+}
+#: where a parallel adapter sits: (role of the wrapped output module, role of the module whose input it reads)
+PARALLEL_PLACEMENTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "ffn": (("ffn_output", "ffn_input"),),
+    "attention": (("attention_output", "attention_input"),),
+    "both": (("attention_output", "attention_input"), ("ffn_output", "ffn_input")),
 }
 
 
@@ -123,7 +150,10 @@ class BottleneckConfig(PeftConfig):
 
     Args:
         style: ``"houlsby"`` (after attention and feed-forward), ``"pfeiffer"`` (after feed-forward) or
-            ``"parallel"`` (beside the feed-forward sub-layer).
+            ``"parallel"`` (beside a sub-layer, see ``parallel_placement``).
+        parallel_placement: for ``style="parallel"``: beside the feed-forward sub-layer (``"ffn"``, He et al.'s
+            choice), beside the self-attention sub-layer (``"attention"``: reads the attention input, adds to
+            the attention output projection) or ``"both"`` (one adapter at each).
         reduction_factor: bottleneck size = input features / ``reduction_factor`` (at least 1).
         bottleneck_size: the bottleneck size itself; overrides ``reduction_factor``.
         non_linearity: ``"relu"``, ``"gelu"``, ``"swish"`` / ``"silu"`` or ``"tanh"``.
@@ -133,16 +163,18 @@ class BottleneckConfig(PeftConfig):
         drop_layers: AdapterDrop: no adapter in the first ``drop_layers`` blocks.
         robust_drop_layers: robust AdapterDrop: at each forward in training mode, skip the adapters of the
             lowest ``n`` blocks, ``n`` drawn uniformly from ``0..robust_drop_layers`` (torch's RNG).
-        attention_output_modules, ffn_output_modules, ffn_input_modules: the modules of each role (a list:
-            exact names or dotted suffixes; a string: a full-match regex); ``None`` uses
+        attention_output_modules, ffn_output_modules, ffn_input_modules, attention_input_modules: the modules
+            of each role (a list: exact names or dotted suffixes; a string: a full-match regex); ``None`` uses
             :data:`BOTTLENECK_ROLES` for the model's ``model_type``.
         modules_to_save: modules (e.g. a new head) trained in full and saved with the adapter.
 
     Raises:
-        ValueError: an unknown style / non-linearity / init, a non-positive size, negative drop counts.
+        ValueError: an unknown style / non-linearity / init / placement, a non-positive size, negative drop
+            counts.
     """
 
     style: str = "pfeiffer"
+    parallel_placement: str = "ffn"
     reduction_factor: float = 16.0
     bottleneck_size: int | None = None
     non_linearity: str = "relu"
@@ -153,6 +185,7 @@ class BottleneckConfig(PeftConfig):
     attention_output_modules: list[str] | str | None = None
     ffn_output_modules: list[str] | str | None = None
     ffn_input_modules: list[str] | str | None = None
+    attention_input_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -166,6 +199,16 @@ class BottleneckConfig(PeftConfig):
             raise ValueError(
                 f"non_linearity={self.non_linearity!r} is unknown; use one of {', '.join(NON_LINEARITIES)}."
             )
+        if self.parallel_placement not in PARALLEL_PLACEMENTS:
+            raise ValueError(
+                f"parallel_placement={self.parallel_placement!r} is unknown; use one of "
+                f"{', '.join(PARALLEL_PLACEMENTS)}."
+            )
+        if self.parallel_placement != "ffn" and self.style != "parallel":
+            raise ValueError(
+                f"parallel_placement={self.parallel_placement!r} places parallel adapters; it needs "
+                f"style='parallel' (style={self.style!r} places serial adapters by its own rule)."
+            )
         if self.init not in INITS:
             raise ValueError(f"init={self.init!r} is unknown; use one of {', '.join(INITS)}.")
         if not isinstance(self.reduction_factor, (int, float)) or self.reduction_factor <= 0:
@@ -178,7 +221,7 @@ class BottleneckConfig(PeftConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}={value!r} must be an integer >= 0.")
-        for name in ("attention_output_modules", "ffn_output_modules", "ffn_input_modules"):
+        for name in ROLE_FIELDS:
             value = getattr(self, name)
             if isinstance(value, (set, tuple)):
                 raise TypeError(f"{name} must be a list or a string (sets do not serialise reproducibly).")
@@ -191,7 +234,9 @@ class Parallel(tuple):
 
     The blocks below the first adapter run once; then the batch is repeated once per adapter and row group
     ``k`` goes through adapter ``k``. The model returns the outputs stacked along the batch dimension
-    (``out.view(len(names), batch, ...)``). For inference: labels and ``generate`` are not supported.
+    (``out.view(len(names), batch, ...)``). ``labels`` are repeated for every task (the model's loss is then
+    the mean over all copies); ``generate`` returns each task's sequences stacked the same way (greedy or
+    sampling, one sequence per row; no block is shared there, since the tasks' tokens differ).
     """
 
     def __new__(cls, *adapter_names: str) -> Parallel:
@@ -238,7 +283,7 @@ def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 class BottleneckLayer(AdapterLayer):
     """Wraps a sub-layer's output module; adds each active adapter's output to the module's output.
 
-    Serial adapters read the module's output ``h``; parallel adapters read the feed-forward input, which a
+    Serial adapters read the module's output ``h``; parallel adapters read the sub-layer's input, which a
     forward pre-hook on ``input_source`` (installed by :class:`BottleneckModel`) hands over as
     ``tapped_input``. AdapterFusion layers (``adapter_fusion``) live here too.
     """
@@ -253,7 +298,7 @@ class BottleneckLayer(AdapterLayer):
         self.adapter_fusion = nn.ModuleDict()
         self.non_linearity: dict[str, str] = {}
         self.scaling: dict[str, float] = {}
-        self.reads_input: dict[str, bool] = {}  # parallel adapters read the feed-forward input
+        self.reads_input: dict[str, bool] = {}  # parallel adapters read the sub-layer's input
         self.fused_adapters: dict[str, list[str]] = {}
         self.fusion_weights: dict[str, torch.Tensor] = {}  # the last forward's attention over adapters
         self.layer_index = layer_index
@@ -331,7 +376,7 @@ class BottleneckLayer(AdapterLayer):
         return fused - h
 
     def adapter_delta(self, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor) -> torch.Tensor:
-        """One adapter's change of the output; for a parallel adapter ``x`` is the feed-forward input."""
+        """One adapter's change of the output; for a parallel adapter ``x`` is the sub-layer's input."""
         return self._delta(adapter_name, base_output, x)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -361,7 +406,7 @@ class BottleneckLayer(AdapterLayer):
 
 
 def _tap_input(layer: BottleneckLayer, module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook on the feed-forward input module: hand its input to the parallel adapter."""
+    """Forward pre-hook on the sub-layer's input module: hand its input to the parallel adapter."""
     layer.tapped_input = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
 
 
@@ -403,7 +448,7 @@ class BottleneckModel(BaseTuner):
                 raise ValueError(
                     f"peftkit has no bottleneck placement for model_type {model_type!r} (it has: {known}). "
                     f"Name the modules: set {role}_modules (style={config.style!r} needs "
-                    f"{', '.join(r + '_modules' for r in _needed_roles(config.style))})."
+                    f"{', '.join(r + '_modules' for r in _needed_roles(config))})."
                 )
             patterns = BOTTLENECK_ROLES[model_type][role]
         names = [n for n in self._module_names() if name_matches(n, patterns)]
@@ -421,11 +466,15 @@ class BottleneckModel(BaseTuner):
         if isinstance(config, AdapterFusionConfig):
             return self._fusion_targets(config)
         assert isinstance(config, BottleneckConfig)
-        names = [n for role in STYLE_ROLES[config.style] for n in self._role_names(config, role)]
-        sources: dict[str, str | None] = dict.fromkeys(names)
-        if config.style == "parallel":
-            inputs = self._role_names(config, "ffn_input")
-            sources = {n: _pair_input(n, inputs) for n in names}
+        sources: dict[str, str | None] = {}  # wrapped module -> the module whose input its adapter reads
+        for output_role, input_role in _placements(config):
+            outputs = self._role_names(config, output_role)
+            if input_role is None:
+                sources.update(dict.fromkeys(outputs))
+            else:
+                inputs = self._role_names(config, input_role)
+                sources.update({n: _pair_input(n, inputs, input_role) for n in outputs})
+        names = list(sources)
         if config.drop_layers:
             unindexed = [n for n in names if block_index(n) is None]
             if unindexed:
@@ -448,7 +497,8 @@ class BottleneckModel(BaseTuner):
                 f"{list(self.peft_config)}). Load or add the fused adapters first, under these names, e.g. "
                 f"model = PeftModel.from_pretrained(base, 'dir/{config.adapters[0]}', "
                 f"adapter_name='{config.adapters[0]}'); model.load_adapter('dir/{config.adapters[-1]}', "
-                f"'{config.adapters[-1]}'); then model.load_adapter('dir/<fusion>', '<fusion>')."
+                f"'{config.adapters[-1]}'); then model.load_adapter('dir/<fusion>', '<fusion>'). (Loading a "
+                f"fusion finds its adapters by itself when save_pretrained wrote them beside it.)"
             )
         wrong = [a for a in config.adapters if not isinstance(self.peft_config[a], BottleneckConfig)]
         if wrong:
@@ -567,6 +617,30 @@ class BottleneckModel(BaseTuner):
                 self.parallel = None
         super().delete_adapter(adapter_name)
 
+    @classmethod
+    def required_adapters(cls, config: PeftConfig) -> dict[str, str | None]:
+        """A fusion needs the adapters it fuses (with the fingerprints recorded when it was saved)."""
+        from peftkit.methods.fusion import AdapterFusionConfig
+
+        if not isinstance(config, AdapterFusionConfig):
+            return {}
+        prints = config.adapter_fingerprints or {}
+        return {name: prints.get(name) for name in config.adapters}
+
+    def saved_config_fields(self, adapter_name: str) -> dict[str, Any]:
+        """A saved fusion records a fingerprint of each fused adapter's tensors (as ``save_pretrained``
+        writes them), which one-call loading checks."""
+        from peftkit.methods.fusion import AdapterFusionConfig
+
+        fields = super().saved_config_fields(adapter_name)
+        config = self.peft_config[adapter_name]
+        if isinstance(config, AdapterFusionConfig):
+            tensors = {name: self.adapter_state_dict(name) for name in config.adapters}
+            # sharded (FSDP) tensors would need a collective call, which only the main process makes here
+            if not any(hasattr(t, "full_tensor") for state in tensors.values() for t in state.values()):
+                fields["adapter_fingerprints"] = {n: adapter_fingerprint(t) for n, t in tensors.items()}
+        return fields
+
     def fusion_weights(self, fusion_name: str) -> dict[str, torch.Tensor]:
         """Per layer (module path), the last forward's attention weights of fusion ``fusion_name`` over its
         adapters: ``(batch, seq, n_adapters)``, rows summing to one."""
@@ -586,8 +660,36 @@ class BottleneckModel(BaseTuner):
 
     # ---------------------------------------------------------------------------------- forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with self._robust_drop(), self._parallel_composition():
-            return self.model(*args, **kwargs)
+        with self._robust_drop():
+            if self.parallel is None:
+                return self.model(*args, **kwargs)
+            batch = self._check_parallel_call(args, kwargs, generating=False)
+            args, kwargs = _repeat_inputs(args, kwargs, batch, len(self.parallel))
+            if kwargs.get("use_cache") is None and "use_cache" in _parameters(self.model):
+                kwargs["use_cache"] = False  # the blocks below the first adapter would cache one copy only
+            with self._parallel_composition(batch):
+                return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's ``generate``. Under :class:`Parallel` the inputs are repeated once per task and
+        generated as one mixed-adapter batch: the sequences come back stacked ``[task 1 rows; task 2 rows;
+        ...]``. Every block runs on every copy (the tasks' tokens differ after the first step, so no block can
+        be shared)."""
+        if self.parallel is None:
+            return self.model.generate(*args, **kwargs)
+        batch = self._check_parallel_call(args, kwargs, generating=True)
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        for key in ("num_beams", "num_return_sequences"):
+            value = kwargs.get(key, getattr(config, key, 1))
+            if value is not None and value > 1:
+                raise ValueError(
+                    f"generate() under a Parallel composition makes one sequence per input row and task; "
+                    f"{key}={value} is not supported. Call set_adapter(name) and generate once per task."
+                )
+        names = list(self.parallel)
+        args, kwargs = _repeat_inputs(args, kwargs, batch, len(names))
+        with self.batch_adapter_names([n for n in names for _ in range(batch)]):
+            return self.model.generate(*args, **kwargs)
 
     def _bottleneck_layers(self) -> list[tuple[str, BottleneckLayer]]:
         return [(p, m) for p, m in self.adapter_layers() if isinstance(m, BottleneckLayer)]
@@ -612,69 +714,157 @@ class BottleneckModel(BaseTuner):
             for layer in touched:
                 layer.skipped_adapters.clear()
 
-    @contextlib.contextmanager
-    def _parallel_composition(self) -> Iterator[None]:
-        """Repeat the batch once per task at the first block that has one of the tasks' adapters (forward
-        pre-hooks on that block and the ones above it, which also repeat the per-row masks those blocks
-        receive) and route row group ``k`` through adapter ``k``."""
-        if self.parallel is None:
-            yield
-            return
-        names = list(self.parallel)
-        layers = self._bottleneck_layers()
-        if any(layer.batch_adapter_names is not None for _, layer in layers):
+    def _check_parallel_call(self, args: tuple, kwargs: dict, generating: bool) -> int:
+        """The batch size of a call under :class:`Parallel`; errors for what a composition cannot run."""
+        if any(layer.batch_adapter_names is not None for _, layer in self._bottleneck_layers()):
             raise ValueError("adapter_names= (mixed batches) cannot be combined with a Parallel composition.")
-        if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+        given = [k for k in ("cache", "past_key_values", "encoder_outputs") if kwargs.get(k) is not None]
+        if given:
             raise ValueError(
-                "Parallel composition supports encoder-only and decoder-only models, not encoder-decoder."
+                f"A Parallel composition runs the model from its inputs; {given[0]}= (computed for one copy "
+                f"of the batch) is not supported. Call set_adapter(name) to continue one task."
             )
-        used = [(layer.layer_index, path) for path, layer in layers if set(names) & set(layer.adapter_names)]
-        if not used or any(index is None for index, _ in used):
+        if kwargs.get("use_cache") and not generating:
+            raise ValueError(
+                "use_cache=True is not supported under a Parallel composition (the blocks below the first "
+                "adapter run on one copy of the batch, so the cache would not fit the outputs)."
+            )
+        for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+            if isinstance(value, torch.Tensor) and value.ndim >= 2:
+                return int(value.shape[0])
+        raise ValueError("A Parallel composition needs input_ids or inputs_embeds of shape (batch, ...).")
+
+    @contextlib.contextmanager
+    def _parallel_composition(self, batch: int) -> Iterator[None]:
+        """Run the model on inputs already repeated once per task (``K · B`` rows): the blocks below the first
+        block with one of the tasks' adapters get the first copy only (``B`` rows: computed once for all
+        tasks), that block repeats its input once per task, and row group ``k`` goes through adapter ``k`` (and
+        head ``k``). Later block stacks (an encoder-decoder's decoder) read task-specific encoder states, so
+        they run on every copy."""
+        names = list(self.parallel or ())
+        layers = self._bottleneck_layers()
+        first_block: dict[
+            str, int
+        ] = {}  # stack (the module holding the numbered blocks) -> first adapted block
+        for path, layer in layers:
+            where = _block_of(path)
+            if not set(names) & set(layer.adapter_names):
+                continue
+            if where is None:
+                raise ValueError(
+                    f"Parallel composition needs adapters inside numbered transformer blocks; {path} is in none."
+                )
+            first_block[where[0]] = min(first_block.get(where[0], where[1]), where[1])
+        if not first_block:
             raise ValueError("Parallel composition needs adapters inside numbered transformer blocks.")
-        first, path = min(used)
-        block_path = re.match(rf"^(.*?\.{first})(\.|$)", path).group(1)  # type: ignore[union-attr]
-        blocks, _, _ = split_module_name(self.model, block_path)
-        routed: list[Any] = [m for _, m in layers] + [m for _, m in self.save_wrappers()]
-        state: dict[str, int] = {}
+        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
+        stacks = sorted(first_block, key=lambda name: order[name])  # the order the model runs them in
+        shared = {(stacks[0], i) for i in range(first_block[stacks[0]])}
+        route = [n for n in names for _ in range(batch)]
+        routed: list[Any] = []
+        for path, module in [*layers, *self.save_wrappers()]:
+            if _block_of(path) not in shared:
+                routed.append(module)
+            elif isinstance(module, ModulesToSaveWrapper) and set(names) & set(module.adapter_names):
+                raise ValueError(
+                    f"{path} has a per-task copy (modules_to_save) below the first adapter, in a block that "
+                    f"Parallel computes once for all tasks; it cannot be shared."
+                )
+        total = batch * len(names)
 
-        def tile(value: Any) -> Any:
-            batch = state["batch"]
-            if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == batch:
-                return value.repeat(len(names), *([1] * (value.ndim - 1)))  # (K * B, ...)
-            if isinstance(value, (tuple, list)):
-                return type(value)(tile(v) for v in value)
-            return value
+        def first_copy(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            return _map_rows(args, total, lambda t: t[:batch]), _map_rows(kwargs, total, lambda t: t[:batch])
 
-        def repeat_batch(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            if "batch" not in state:  # the first adapted block: the batch is still B rows
-                hidden = args[0] if args else kwargs["hidden_states"]
-                state["batch"] = hidden.shape[0]
-                route = [n for n in names for _ in range(hidden.shape[0])]
-                for module_ in routed:
-                    module_.batch_adapter_names = route
-            return tile(args), {k: tile(v) for k, v in kwargs.items()}
+        def every_copy(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            def repeat(t: torch.Tensor) -> torch.Tensor:
+                return t.repeat(len(names), *([1] * (t.ndim - 1)))  # (K * B, ...)
 
-        handles = [
-            block.register_forward_pre_hook(repeat_batch, with_kwargs=True)
-            for index, block in blocks.named_children()
-            if index.isdigit() and int(index) >= first
-        ]
+            return _map_rows(args, batch, repeat), _map_rows(kwargs, batch, repeat)
+
+        handles = []
+        for stack_path in stacks:
+            stack = self.model.get_submodule(stack_path)
+            for index, block in stack.named_children():
+                if index.isdigit():
+                    hook = first_copy if (stack_path, int(index)) in shared else every_copy
+                    handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+        for module in routed:
+            module.batch_adapter_names = route
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
-            for module_ in routed:
-                module_.batch_adapter_names = None
+            for module in routed:
+                module.batch_adapter_names = None
 
 
-def _needed_roles(style: str) -> list[str]:
-    return list(STYLE_ROLES[style]) + (["ffn_input"] if style == "parallel" else [])
+def _block_of(module_path: str) -> tuple[str, int] | None:
+    """(path of the module holding the numbered blocks, block number) of a module: its first all-digit name
+    segment (``bert.encoder.layer.3.output.dense`` -> ``("bert.encoder.layer", 3)``)."""
+    segments = module_path.split(".")
+    index = next((i for i, s in enumerate(segments) if s.isdigit()), None)
+    return None if index is None else (".".join(segments[:index]), int(segments[index]))
 
 
-def _pair_input(output_name: str, input_names: list[str]) -> str:
-    """The feed-forward input module of the block that ``output_name`` is in: the one sharing the longest
-    dotted prefix with it (``...layer.3.output.dense`` pairs with ``...layer.3.intermediate``)."""
+def _map_rows(value: Any, rows: int, fn: Any) -> Any:
+    """``fn`` applied to every tensor in ``value`` (through tuples, lists and dicts) whose first dimension is
+    ``rows`` and that has at least two dimensions (batch-first hidden states, masks, position tensors; not
+    1-D ``cache_position``)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value) if value.ndim >= 2 and value.shape[0] == rows else value
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(_map_rows(v, rows, fn) for v in value)
+    if type(value) is dict:
+        return {k: _map_rows(v, rows, fn) for k, v in value.items()}
+    return value
+
+
+def _repeat_inputs(args: tuple, kwargs: dict, batch: int, times: int) -> tuple[tuple, dict]:
+    """The model's inputs with every batch-first tensor (and 1-D ``labels``) repeated ``times``:
+    ``[copy 1; copy 2; ...]``, so that the model's own code (masks, heads that pick the last token from
+    ``input_ids``, the loss against ``labels``) sees one copy per task."""
+
+    def repeat(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat(times, *([1] * (t.ndim - 1)))
+
+    kwargs = {
+        k: repeat(v)
+        if k == "labels" and isinstance(v, torch.Tensor) and v.ndim == 1 and len(v) == batch
+        else _map_rows(v, batch, repeat)
+        for k, v in kwargs.items()
+    }
+    return _map_rows(args, batch, repeat), kwargs
+
+
+def _parameters(model: nn.Module) -> frozenset[str]:
+    """The names of ``model.forward``'s parameters."""
+    return _signature_names(getattr(type(model), "forward", None))  # the class's function: no model kept
+
+
+@functools.lru_cache(maxsize=64)
+def _signature_names(function: Any) -> frozenset[str]:
+    try:
+        return frozenset(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def _placements(config: BottleneckConfig) -> tuple[tuple[str, str | None], ...]:
+    """(role of the wrapped module, role of the module whose input the adapter reads or ``None``: the
+    wrapped module's output) for each adapter position of ``config``."""
+    if config.style == "parallel":
+        return PARALLEL_PLACEMENTS[config.parallel_placement]
+    return tuple((role, None) for role in STYLE_ROLES[config.style])
+
+
+def _needed_roles(config: BottleneckConfig) -> list[str]:
+    return [role for pair in _placements(config) for role in pair if role is not None]
+
+
+def _pair_input(output_name: str, input_names: list[str], input_role: str = "ffn_input") -> str:
+    """The input module of the block that ``output_name`` is in: the one sharing the longest dotted prefix
+    with it (``...layer.3.output.dense`` pairs with ``...layer.3.intermediate``)."""
 
     def shared(name: str) -> int:
         count = 0
@@ -689,8 +879,8 @@ def _pair_input(output_name: str, input_names: list[str]) -> str:
     winners = [n for n, s in scores.items() if s == best]
     if best == 0 or len(winners) > 1:
         raise ValueError(
-            f"Cannot tell which ffn_input module belongs to {output_name} (candidates: {winners}); name "
-            f"ffn_input_modules so that each block has one."
+            f"Cannot tell which {input_role} module belongs to {output_name} (candidates: {winners}); name "
+            f"{input_role}_modules so that each block has one."
         )
     return winners[0]
 

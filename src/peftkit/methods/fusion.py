@@ -17,7 +17,9 @@ adapters' outputs (with equal adapters: exactly their output); ``W_q``, ``W_k`` 
 ``model.add_adapter("fusion", AdapterFusionConfig(adapters=["sst2", "cola"]))`` adds it and
 ``set_adapter("fusion")`` trains only the fusion (and ``modules_to_save``) parameters; the fused adapters stay
 frozen. ``model.fusion_weights("fusion")`` gives each layer's last ``α``. A saved fusion holds only its own
-tensors and names its adapters; loading it into a model that lacks them is an error that says what to load.
+tensors; its config names its adapters and records a fingerprint of each. ``PeftModel.from_pretrained(base,
+"out/fusion")`` also loads the fused adapters that ``save_pretrained`` wrote beside it (checked against the
+fingerprints); without them, loading is an error that says what to load.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class AdapterFusionConfig(PeftConfig):
         adapters: the names of the (bottleneck) adapters to fuse, at least two; they must be in the model.
         temperature: ``T`` in ``softmax(q · k / T)``.
         modules_to_save: modules (e.g. a new head) trained in full and saved with the fusion.
+        adapter_fingerprints: written by ``save_pretrained``: per fused adapter, the SHA-256 of its saved
+            tensors (:func:`peftkit.checkpoint.adapter_fingerprint`). Loading the fusion together with the
+            adapters saved beside it checks them, so a stale or different adapter folder is an error.
 
     Raises:
         ValueError: fewer than two distinct adapter names, or a non-positive temperature.
@@ -48,6 +53,7 @@ class AdapterFusionConfig(PeftConfig):
     adapters: list[str] = field(default_factory=list)
     temperature: float = 1.0
     modules_to_save: list[str] | None = None
+    adapter_fingerprints: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.ADAPTER_FUSION
@@ -62,6 +68,13 @@ class AdapterFusionConfig(PeftConfig):
             )
         if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature!r} must be a positive number.")
+        prints = self.adapter_fingerprints
+        if prints is not None and (
+            not isinstance(prints, dict) or not all(isinstance(v, str) for v in prints.values())
+        ):
+            raise ValueError(
+                f"adapter_fingerprints={prints!r} must map adapter names to strings (or be None)."
+            )
 
 
 class AdapterFusion(nn.Module):
