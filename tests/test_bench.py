@@ -12,7 +12,8 @@ import yaml
 from cli_fixtures import build_tokenizer, classification_config
 from transformers import AutoModelForSequenceClassification
 
-from peftkit.bench import deep_merge, expand, load_spec
+from peftkit.bench import deep_merge, expand, load_spec, rebuild_report
+from peftkit.bench_report import write_report
 from peftkit.cli import main
 from peftkit.runconfig import RunConfigError
 
@@ -85,9 +86,16 @@ def test_bench_rows_count_parameters_exactly(tmp_path, tokenizer_dir):
         assert row["latency_base_ms"] > 0 and row["latency_unmerged_ms"] > 0
     with open(tmp_path / "bench" / "results.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 2
-    table = (tmp_path / "bench" / "results.md").read_text()
-    assert "| lora |" in table and "| bitfit |" in table
-    assert (tmp_path / "bench" / "results.png").read_bytes()[:4] == b"\x89PNG"
+    report = (tmp_path / "bench" / "report.md").read_text()
+    assert "| lora | peftkit |" in report and "| bitfit | peftkit |" in report
+    for plot in ("score_vs_trainable.png", "peak_memory.png", "step_time.png"):
+        assert (tmp_path / "bench" / plot).read_bytes()[:4] == b"\x89PNG"
+        assert f"]({plot})" in report
+
+    # the report is rebuilt from the rows alone
+    (tmp_path / "bench" / "report.md").unlink()
+    assert main(["bench", "--report", str(tmp_path / "bench")]) == 0
+    assert (tmp_path / "bench" / "report.md").read_text() == report
 
 
 def test_bench_grid_is_the_product_of_its_axes_and_checked_before_running(tmp_path, tokenizer_dir):
@@ -112,3 +120,106 @@ def test_deep_merge_replaces_values_and_lists_and_merges_mappings():
     merged = deep_merge(base, {"train": {"lr": 2.0}, "method": {"target_modules": ["c"]}})
     assert merged == {"train": {"lr": 2.0, "seed": 0}, "method": {"target_modules": ["c"]}}
     assert base["train"]["lr"] == 1.0
+
+
+PEER = str(Path(__file__).resolve().parent.parent / "benchmarks" / "hf_peft_peer.py")
+
+
+def test_peer_column_runs_the_same_grid_point_with_hf_peft_and_gets_the_same_numbers(tmp_path, tokenizer_dir):
+    """The peer run uses HF PEFT for the method on the same base, data order and seed: LoRA's losses and
+    scores must then agree with peftkit's to float precision (the libraries compute the same function from
+    the same initialisation), and the counts must be equal."""
+    pytest.importorskip("peft")
+    spec = write_spec(tmp_path, tokenizer_dir, peer=PEER, threads=1)
+    runs = expand(load_spec(spec))
+    # bitfit has no HF PEFT counterpart: no peer run for it
+    assert sorted(r.run_id for r in runs) == [
+        "bitfit-fp32-seed0",
+        "lora-fp32-seed0",
+        "lora-hf_peft-fp32-seed0",
+    ]
+    assert main(["bench", spec, "--only", "lora"]) == 0
+    rows = {
+        r["library"]: r
+        for r in map(json.loads, (tmp_path / "bench" / "results.jsonl").read_text().splitlines())
+    }
+    ours, theirs = rows["peftkit"], rows["hf_peft"]
+    import peft
+
+    assert theirs["library_version"] == peft.__version__ and ours["threads"] == theirs["threads"] == 1
+    for key in ("trainable_params", "added_params", "stored_params", "base_params", "mergeable"):
+        assert ours[key] == theirs[key], key
+    assert ours["final_train_loss"] == pytest.approx(theirs["final_train_loss"], abs=1e-5)
+    assert ours["metrics"]["loss"] == pytest.approx(theirs["metrics"]["loss"], abs=1e-5)
+    report = (tmp_path / "bench" / "report.md").read_text()
+    assert "## peftkit next to the peer library" in report and "| lora | hf_peft |" in report
+
+
+def test_peer_runner_and_threads_are_checked_when_the_spec_is_read(tmp_path, tokenizer_dir):
+    with pytest.raises(RunConfigError, match="does not exist"):
+        load_spec(write_spec(tmp_path, tokenizer_dir, peer=str(tmp_path / "missing.py")))
+    incomplete = tmp_path / "peer.py"
+    incomplete.write_text("NAME = 'other'\ndef available():\n    return True\n")
+    with pytest.raises(RunConfigError, match="does not define supports, wrap, load, version"):
+        load_spec(write_spec(tmp_path, tokenizer_dir, peer=str(incomplete)))
+    with pytest.raises(RunConfigError, match="threads must be a positive integer"):
+        load_spec(write_spec(tmp_path, tokenizer_dir, threads=0))
+    with pytest.raises(RunConfigError, match="contains '-'"):
+        load_spec(write_spec(tmp_path, tokenizer_dir, methods={"lo-ra": {"method": {"name": "lora"}}}))
+    with pytest.raises(RunConfigError, match=r"no results\.jsonl"):
+        rebuild_report(str(tmp_path))
+    assert main(["bench", "--report", str(tmp_path)]) == 2
+
+
+def test_a_task_names_its_own_metric(tmp_path, tokenizer_dir):
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            tokenizer_dir,
+            metric="f1",
+            tasks={"a": {"metric": "mcc", "data": {"max_length": 16}}, "b": {}},
+        )
+    )
+    assert spec.task_metrics == {"a": "mcc"} and "metric" not in spec.tasks["a"]
+    from peftkit.bench import _choose_metric
+
+    row = {"task": "a", "metrics": {"accuracy": 0.5, "mcc": 0.1, "f1": 0.4}}
+    _choose_metric(row, spec)
+    assert (row["metric_name"], row["metric"]) == ("mcc", 0.1)
+    row = {"task": "b", "metrics": {"accuracy": 0.5, "mcc": 0.1, "f1": 0.4}}
+    _choose_metric(row, spec)
+    assert (row["metric_name"], row["metric"]) == ("f1", 0.4)
+
+
+def _row(
+    model: str, method: str, library: str, precision: str, seed: int, metric: float, step: float
+) -> dict:
+    return {
+        "run": f"{model}-{method}-{library}-{precision}-seed{seed}", "model": model, "task": "t",
+        "method": method, "library": library, "precision": precision, "seed": seed, "status": "ok",
+        "metric_name": "accuracy", "metric": metric, "trainable_params": 10, "added_params": 10,
+        "stored_params": 10, "stored_bytes": 40, "base_params": {"s": 1000, "m": 8000}[model], "mergeable": True,
+        "peak_memory_bytes": 100 * 2**20, "median_step_seconds": step, "tokens_per_second": 1.0,
+        "final_train_loss": 0.5, "latency_base_ms": 1.0, "latency_unmerged_ms": 2.0, "latency_merged_ms": 1.0,
+    }  # fmt: skip
+
+
+def test_report_aggregates_seeds_and_lays_out_peer_precision_and_size_tables(tmp_path):
+    rows = [
+        _row("s", "lora", "peftkit", "fp32", 0, 0.70, 0.010),
+        _row("s", "lora", "peftkit", "fp32", 1, 0.80, 0.030),
+        _row("s", "lora", "peftkit", "fp32", 2, 0.90, 0.020),
+        _row("s", "lora", "hf_peft", "fp32", 0, 0.60, 0.050),
+        _row("s", "lora", "peftkit", "bf16", 0, 0.50, 0.040),
+        _row("m", "lora", "peftkit", "fp32", 0, 0.75, 0.080),
+        {"run": "s-ia3-peftkit-fp32-seed0", "model": "s", "task": "t", "method": "ia3", "library": "peftkit",
+         "precision": "fp32", "seed": 0, "status": "failed", "error": "boom"},
+    ]  # fmt: skip
+    report = Path(write_report(str(tmp_path), rows)).read_text()
+    # mean and sample sd over the three seeds: 0.8 ± 0.1; median step of 10, 30, 20 ms
+    assert "| lora | peftkit | 0.8000 ± 0.1000 (n=3) | 10 | 10 | 10 (0) | yes | 100 | 20 |" in report
+    assert "| s | t | fp32 | lora | 0.8000 / 0.6000 | 20 / 50 (2.50×) |" in report
+    assert "| s | t | lora | 0.800 · 100 MiB · 20 ms | 0.500 · 100 MiB · 40 ms |" in report  # precisions
+    assert "| t | fp32 | lora | 20 ms · 100 MiB · 10 tr. | 80 ms · 100 MiB · 10 tr. |" in report  # sizes
+    assert "`s-ia3-peftkit-fp32-seed0`: failed: boom" in report
+    assert (tmp_path / "cost_vs_size.png").read_bytes()[:4] == b"\x89PNG"

@@ -5,9 +5,12 @@ A spec is a YAML file::
     base: {model: ..., data: ..., train: ...}          # a run config shared by every run (as for `train`)
     methods:   {lora: {method: {name: lora, r: 8}, train: {lr: 1.0e-3}}, ia3: {...}, ...}
     models:    {minilm: {model: {name_or_path: ...}}}  # optional axis (default: the base's model)
-    tasks:     {sst2: {data: {...}}}                   # optional axis (default: the base's data)
+    tasks:     {cola: {metric: mcc, data: {...}}}      # optional axis (default: the base's data)
     precisions: [fp32, bf16, int8, int4]                # optional axis (default: [fp32])
     seeds: [0, 1, 2]
+    metric: accuracy                                    # the score column (a task's own ``metric`` wins)
+    peer: benchmarks/hf_peft_peer.py                    # optional: the same runs with another library
+    threads: 1                                          # optional: torch threads of every run
     inference: {batch_size: 32, repeats: 10}
     output_dir: outputs/bench
 
@@ -22,27 +25,42 @@ peftkit.bench RUN.yaml RESULT.json``) so that its peak memory is its own. A row 
 * peak memory (RSS on CPU, ``max_memory_allocated`` on GPU) of the training process, median step time,
   tokens/s, final training loss, the task metrics on the validation data, wall time;
 * inference latency (median forward time of one batch) of the base model, the adapted model unmerged and,
-  where it merges, merged.
+  where it merges, merged (measured alternately, so that a change of machine load hits all alike).
+
+**The peer column.** ``peer`` names a Python file (a *peer runner*) that builds the same run with another
+PEFT library. peftkit itself never imports that library: the file does, in the child process of each peer
+run. A peer runner defines ``NAME`` (the library column's value), ``available() -> bool``,
+``supports(method_config) -> bool`` (given peftkit's config object of a method), ``wrap(base_model,
+method_config) -> model`` (the counterpart of :func:`peftkit.get_peft_model`), ``load(base_model, folder)
+-> model`` (of ``PeftModel.from_pretrained``) and ``version() -> str``. The repository ships
+``benchmarks/hf_peft_peer.py`` for Hugging Face PEFT. Every method the peer supports runs twice per grid
+point, once per library, with the same base model, data order, seed and budget.
+
+The report (``report.md`` and PNG plots, see :func:`write_report`) is rewritten after every run and can be
+rebuilt from the rows with ``peftkit bench --report OUTPUT_DIR``.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import itertools
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import yaml
 
 from peftkit.io_utils import atomic_write_text
-from peftkit.runconfig import RunConfigError, build_run_config
+from peftkit.runconfig import RunConfigError, build_method_config, build_run_config
 
 PRECISIONS: dict[str, dict[str, Any]] = {
     "fp32": {"model": {"dtype": "float32"}},
@@ -57,10 +75,17 @@ SPEC_KEYS = (
     "tasks",
     "precisions",
     "seeds",
+    "metric",
+    "peer",
+    "threads",
     "inference",
     "output_dir",
     "timeout_s",
 )
+LIBRARY = "peftkit"
+PEER_FUNCTIONS = ("available", "supports", "wrap", "load", "version")
+PEER_ENV = "PEFTKIT_BENCH_PEER"
+THREADS_ENV = "PEFTKIT_BENCH_THREADS"
 
 
 @dataclass
@@ -80,8 +105,12 @@ class BenchSpec:
     seeds: list[int] = field(default_factory=lambda: [0])
     inference: dict[str, int] = field(default_factory=lambda: {"batch_size": 32, "repeats": 10})
     metric: str | None = None  # the score column; default: accuracy, pearson or perplexity, as measured
+    task_metrics: dict[str, str] = field(default_factory=dict)  # a task's own ``metric``
+    peer: str | None = None  # path of a peer runner (see the module docstring)
+    threads: int | None = None
     output_dir: str = "outputs/bench"
     timeout_s: int = 3600
+    path: str | None = None
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -115,22 +144,41 @@ def load_spec(path: str, only: list[str] | None = None) -> BenchSpec:
             raise RunConfigError(
                 f"bench spec: every entry of {axis} must be a mapping (a partial run config)."
             )
-    spec = BenchSpec(base=raw.get("base") or {}, methods=raw["methods"])
-    for key in ("models", "tasks"):
-        if raw.get(key):
-            setattr(spec, key, raw[key])
+    clashes = [name for name in raw["methods"] if "-" in str(name)]
+    if clashes:
+        raise RunConfigError(
+            f"bench method name {clashes[0]!r} contains '-'; use '_' (run ids join axes with '-')."
+        )
+    spec = BenchSpec(base=raw.get("base") or {}, methods=raw["methods"], path=os.path.abspath(path))
+    if raw.get("models"):
+        spec.models = raw["models"]
+    if raw.get("tasks"):
+        spec.tasks = {}
+        for name, entry in raw["tasks"].items():
+            entry = dict(entry)
+            if "metric" in entry:
+                spec.task_metrics[name] = str(entry.pop("metric"))
+            spec.tasks[name] = entry
     if "precisions" in raw:
         bad = [p for p in raw["precisions"] if p not in PRECISIONS]
         if bad:
             raise RunConfigError(f"bench precision {bad[0]!r} is unknown; allowed: {', '.join(PRECISIONS)}.")
         spec.precisions = list(raw["precisions"])
     if "seeds" in raw:
-        if not all(isinstance(s, int) for s in raw["seeds"]):
+        if not isinstance(raw["seeds"], list) or not all(isinstance(s, int) for s in raw["seeds"]):
             raise RunConfigError("bench seeds must be a list of integers.")
         spec.seeds = list(raw["seeds"])
     if "inference" in raw:
         spec.inference = {**spec.inference, **raw["inference"]}
-    spec.metric = raw.get("metric")
+    if raw.get("metric") is not None:
+        spec.metric = str(raw["metric"])
+    if raw.get("peer") is not None:
+        spec.peer = os.path.abspath(str(raw["peer"]))
+        load_peer(spec.peer)  # a missing file or function is an error now, not after the first runs
+    if raw.get("threads") is not None:
+        if not isinstance(raw["threads"], int) or raw["threads"] < 1:
+            raise RunConfigError(f"bench threads must be a positive integer, not {raw['threads']!r}.")
+        spec.threads = raw["threads"]
     spec.output_dir = raw.get("output_dir", spec.output_dir)
     spec.timeout_s = int(raw.get("timeout_s", spec.timeout_s))
     if only:
@@ -143,32 +191,70 @@ def load_spec(path: str, only: list[str] | None = None) -> BenchSpec:
     return spec
 
 
+def load_peer(path: str) -> ModuleType:
+    """Import a peer runner from its file (see the module docstring for what it defines)."""
+    if not os.path.isfile(path):
+        raise RunConfigError(
+            f"bench peer {path} does not exist (a Python file, e.g. benchmarks/hf_peft_peer.py)."
+        )
+    module_spec = importlib.util.spec_from_file_location("peftkit_bench_peer", path)
+    if module_spec is None or module_spec.loader is None:
+        raise RunConfigError(f"bench peer {path} is not an importable Python file.")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    missing = [name for name in ("NAME", *PEER_FUNCTIONS) if not hasattr(module, name)]
+    if missing:
+        raise RunConfigError(
+            f"bench peer {path} does not define {', '.join(missing)} (needs NAME and {', '.join(PEER_FUNCTIONS)})."
+        )
+    return module
+
+
 def expand(spec: BenchSpec) -> list[BenchRun]:
-    """Every grid point, each checked as a run config (all errors surface before anything runs)."""
+    """Every grid point, each checked as a run config (all errors surface before anything runs); with a
+    peer runner, a second run per grid point whose method the peer supports."""
+    peer = load_peer(spec.peer) if spec.peer else None
+    if peer is not None and not peer.available():
+        print(f"bench: the peer library {peer.NAME} is not installed: no peer column.")
+        peer = None
     runs = []
-    for (model, model_cfg), (task, task_cfg), (method, method_cfg), precision, seed in itertools.product(
-        spec.models.items(), spec.tasks.items(), spec.methods.items(), spec.precisions, spec.seeds
+    # seed outermost: a grid cut short holds every method for the seeds it finished
+    for seed, (model, model_cfg), (task, task_cfg), (method, method_cfg), precision in itertools.product(
+        spec.seeds, spec.models.items(), spec.tasks.items(), spec.methods.items(), spec.precisions
     ):
-        parts = [part for part in (model, task, method, precision, f"seed{seed}") if part != "base"]
-        run_id = "-".join(parts)
         raw = spec.base
         for layer in (model_cfg, task_cfg, method_cfg, PRECISIONS[precision]):
             raw = deep_merge(raw, layer)
         raw = deep_merge(raw, {"train": {"seed": seed, "progress_bar": False}})
-        raw["output_dir"] = os.path.join(spec.output_dir, "runs", run_id)
+        libraries = [LIBRARY]
         try:
-            build_run_config(copy.deepcopy(raw))
+            run_config = build_run_config(copy.deepcopy(raw))
+            if peer is not None and peer.supports(build_method_config(run_config)):
+                libraries.append(str(peer.NAME))
         except RunConfigError as err:
+            run_id = "-".join(p for p in (model, task, method, precision, f"seed{seed}") if p != "base")
             raise RunConfigError(f"bench run {run_id}: {err}") from None
-        axes = {"model": model, "task": task, "method": method, "precision": precision, "seed": seed}
-        runs.append(BenchRun(run_id, axes, raw))
+        for library in libraries:
+            library_part = None if library == LIBRARY else library
+            parts = [model, task, method, library_part, precision, f"seed{seed}"]
+            run_id = "-".join(p for p in parts if p is not None and p != "base")
+            run_raw = dict(raw, output_dir=os.path.join(spec.output_dir, "runs", run_id))
+            axes = {
+                "model": model,
+                "task": task,
+                "method": method,
+                "library": library,
+                "precision": precision,
+                "seed": seed,
+            }
+            runs.append(BenchRun(run_id, axes, run_raw))
     return runs
 
 
 # ----------------------------------------------------------------------------------- the parent
 def run_bench(spec: BenchSpec, dry_run: bool = False, resume: bool = False) -> list[dict[str, Any]]:
     """Run every grid point; with ``resume``, a run whose folder already holds a result for the same
-    config is reused instead of run again."""
+    config is reused instead of run again (an interrupted grid goes on where it stopped)."""
     runs = expand(spec)
     print(f"bench: {len(runs)} runs -> {spec.output_dir}")
     if dry_run:
@@ -176,6 +262,8 @@ def run_bench(spec: BenchSpec, dry_run: bool = False, resume: bool = False) -> l
             print(f"  {run.run_id}")
         return []
     os.makedirs(os.path.join(spec.output_dir, "runs"), exist_ok=True)
+    meta = _bench_meta(spec)
+    atomic_write_text(os.path.join(spec.output_dir, "bench_meta.json"), json.dumps(meta, indent=1))
     rows: list[dict[str, Any]] = []
     for index, run in enumerate(runs, 1):
         run_dir = run.raw["output_dir"]
@@ -192,7 +280,7 @@ def run_bench(spec: BenchSpec, dry_run: bool = False, resume: bool = False) -> l
             _choose_metric(row, spec)
             print(f"[{index}/{len(runs)}] {run.run_id}: reused\n    {_row_line(row)}", flush=True)
             rows.append(row)
-            write_results(spec.output_dir, rows)
+            write_results(spec.output_dir, rows, meta)
             continue
         atomic_write_text(config_path, config_text)
         if os.path.exists(result_path):
@@ -205,6 +293,11 @@ def run_bench(spec: BenchSpec, dry_run: bool = False, resume: bool = False) -> l
             "PEFTKIT_BENCH_REPEATS": str(spec.inference["repeats"]),
             "PEFTKIT_BENCH_BATCH": str(spec.inference["batch_size"]),
         }
+        env.pop(PEER_ENV, None)
+        if run.axes["library"] != LIBRARY:
+            env[PEER_ENV] = str(spec.peer)
+        if spec.threads is not None:
+            env.update({THREADS_ENV: str(spec.threads), "OMP_NUM_THREADS": str(spec.threads)})
         with open(os.path.join(run_dir, "bench.log"), "w", encoding="utf-8") as log:
             try:
                 process = subprocess.run(
@@ -229,9 +322,31 @@ def run_bench(spec: BenchSpec, dry_run: bool = False, resume: bool = False) -> l
         row["wall_seconds"] = wall_seconds
         print(f"    {_row_line(row)}", flush=True)
         rows.append(row)
-        write_results(spec.output_dir, rows)
-    print(f"results: {os.path.join(spec.output_dir, 'results.md')} (and .csv, .jsonl, .png)")
+        write_results(spec.output_dir, rows, meta)
+    print(f"report: {os.path.join(spec.output_dir, 'report.md')} (rows in results.jsonl and results.csv)")
     return rows
+
+
+def _bench_meta(spec: BenchSpec) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    import peftkit
+
+    return {
+        "spec": spec.path,
+        "command": "peftkit bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "peftkit": getattr(peftkit, "__version__", "?"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"
+        + (", CUDA" if torch.cuda.is_available() else ""),
+        "threads": spec.threads,
+        "seeds": spec.seeds,
+        "inference": spec.inference,
+    }
 
 
 def _read(path: str) -> str | None:
@@ -241,9 +356,14 @@ def _read(path: str) -> str | None:
         return f.read()
 
 
+MAIN_METRIC = ("accuracy", "pearson", "perplexity", "loss")
+
+
 def _choose_metric(row: dict[str, Any], spec: BenchSpec) -> None:
     metrics = row["metrics"]
-    name = spec.metric or next((m for m in MAIN_METRIC if m in metrics), None)
+    name = spec.task_metrics.get(row["task"]) or spec.metric
+    if name is None:
+        name = next((m for m in MAIN_METRIC if m in metrics), None)
     row["metric_name"], row["metric"] = name, metrics.get(name)
 
 
@@ -257,25 +377,25 @@ def _last_error_line(path: str) -> str:
 def _row_line(row: dict[str, Any]) -> str:
     if row["status"] != "ok":
         return f"{row['status']}: {row.get('error', '')}"
-    metric = row.get("metric_name")
+    metric = row.get("metric")
     return (
-        f"{metric} {row.get('metric', float('nan')):.4f}, trainable {row['trainable_params']:,}, "
-        f"step {row['median_step_seconds'] * 1000:.0f} ms, peak {row['peak_memory_bytes'] / 2**20:.0f} MiB"
+        f"{row.get('metric_name')} {metric if metric is not None else float('nan'):.4f}, "
+        f"trainable {row['trainable_params']:,}, step {row['median_step_seconds'] * 1000:.0f} ms, "
+        f"peak {row['peak_memory_bytes'] / 2**20:.0f} MiB"
     )
 
 
-MAIN_METRIC = ("accuracy", "pearson", "perplexity", "loss")
 COLUMNS = [
-    "run", "model", "task", "method", "precision", "seed", "status", "metric_name", "metric",
-    "trainable_params", "added_params", "stored_params", "stored_bytes", "mergeable", "peak_memory_bytes",
-    "median_step_seconds", "tokens_per_second", "final_train_loss", "latency_base_ms",
+    "run", "model", "task", "method", "library", "precision", "seed", "status", "metric_name", "metric",
+    "trainable_params", "added_params", "stored_params", "stored_bytes", "base_params", "mergeable",
+    "peak_memory_bytes", "median_step_seconds", "tokens_per_second", "final_train_loss", "latency_base_ms",
     "latency_unmerged_ms", "latency_merged_ms", "wall_seconds", "error",
 ]  # fmt: skip
 
 
-def write_results(folder: str, rows: list[dict[str, Any]]) -> None:
-    """results.jsonl (everything), results.csv (the columns above), results.md (a table with the mean and
-    spread over seeds) and results.png (score against trainable parameters)."""
+def write_results(folder: str, rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> None:
+    """results.jsonl (everything), results.csv (the columns above), then the report (report.md and its
+    plots, :func:`write_report`)."""
     atomic_write_text(os.path.join(folder, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     tmp = os.path.join(folder, "results.csv.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -283,82 +403,60 @@ def write_results(folder: str, rows: list[dict[str, Any]]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, os.path.join(folder, "results.csv"))
-    atomic_write_text(os.path.join(folder, "results.md"), results_table(rows))
-    ok = [r for r in rows if r["status"] == "ok" and r.get("metric") is not None]
-    if ok:
-        _plot(os.path.join(folder, "results.png"), ok)
+    from peftkit.bench_report import write_report
+
+    write_report(folder, rows, meta)
 
 
-def results_table(rows: list[dict[str, Any]]) -> str:
-    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["model"], row["task"], row["method"], row["precision"]), []).append(row)
-    lines = [
-        "| model | task | method | precision | metric (mean ± sd over seeds) | trainable | added | stored | "
-        "mergeable | peak MiB | step ms | tokens/s | latency base / unmerged / merged ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for (model, task, method, precision), group in groups.items():
-        ok = [r for r in group if r["status"] == "ok"]
-        if not ok:
-            lines.append(
-                f"| {model} | {task} | {method} | {precision} | {group[0]['status']}: {group[0].get('error', '')} |||||||||"
-            )
-            continue
-        scores = [r["metric"] for r in ok]
-        spread = f" ± {statistics.stdev(scores):.4f}" if len(scores) > 1 else ""
-        first = ok[0]
-        merged = f"{statistics.median(r['latency_merged_ms'] for r in ok):.1f}" if first["mergeable"] else "–"
-        lines.append(
-            f"| {model} | {task} | {method} | {precision} | {first['metric_name']} {statistics.mean(scores):.4f}{spread} "
-            f"(n={len(ok)}) | {first['trainable_params']:,} | {first['added_params']:,} | {first['stored_params']:,} "
-            f"({first['stored_bytes'] / 1024:.0f} KiB) | {'yes' if first['mergeable'] else 'no'} | "
-            f"{statistics.median(r['peak_memory_bytes'] for r in ok) / 2**20:.0f} | "
-            f"{statistics.median(r['median_step_seconds'] for r in ok) * 1000:.0f} | "
-            f"{statistics.median(r['tokens_per_second'] for r in ok):.0f} | "
-            f"{statistics.median(r['latency_base_ms'] for r in ok):.1f} / "
-            f"{statistics.median(r['latency_unmerged_ms'] for r in ok):.1f} / {merged} |"
-        )
-    return "\n".join(lines) + "\n"
+def rebuild_report(folder: str) -> str:
+    """``peftkit bench --report FOLDER``: the report again from ``results.jsonl`` (and ``bench_meta.json``)."""
+    from peftkit.bench_report import write_report
 
-
-def _plot(path: str, rows: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_method: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_method.setdefault(f"{row['method']} ({row['precision']})", []).append(row)
-    for label, group in by_method.items():
-        ax.scatter([max(r["trainable_params"], 1) for r in group], [r["metric"] for r in group], label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel(rows[0]["metric_name"])
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    rows_path = os.path.join(folder, "results.jsonl")
+    if not os.path.isfile(rows_path):
+        raise RunConfigError(f"{folder} holds no results.jsonl (the output_dir of a peftkit bench run?).")
+    rows = []
+    with open(rows_path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise RunConfigError(f"{rows_path} line {number} is not JSON: {err}") from None
+    meta_text = _read(os.path.join(folder, "bench_meta.json"))
+    meta = json.loads(meta_text) if meta_text else None
+    return write_report(folder, rows, meta)
 
 
 # ------------------------------------------------------------------------------------ the child
 def run_one(config_path: str, result_path: str) -> None:
-    """Train one grid point, then measure stored size, mergeability and inference latency."""
+    """Train one grid point, then measure stored size, mergeability and inference latency. With
+    ``PEFTKIT_BENCH_PEER`` set, the peer runner named there builds and loads the adapted model."""
+    import torch
     from transformers import logging as hf_logging
 
+    import peftkit
+    from peftkit.peft_model import PeftModel
     from peftkit.runconfig import load_run_config
     from peftkit.training import train
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if os.environ.get(THREADS_ENV):
+        torch.set_num_threads(int(os.environ[THREADS_ENV]))
     config = load_run_config(config_path)
-    summary = train(config)
+    peer_path = os.environ.get(PEER_ENV)
+    if peer_path:
+        peer = load_peer(peer_path)
+        wrap, load, library, version = peer.wrap, peer.load, str(peer.NAME), str(peer.version())
+    else:
+        wrap, load = None, PeftModel.from_pretrained
+        library, version = LIBRARY, str(getattr(peftkit, "__version__", "?"))
+    summary = train(config, wrap=wrap)
     result = {
+        "library": library,
+        "library_version": version,
+        "threads": torch.get_num_threads(),
         "trainable_params": summary["trainable_params"],
         "all_params": summary["all_params"],
         "peak_memory_bytes": summary["peak_memory_bytes"],
@@ -368,30 +466,22 @@ def run_one(config_path: str, result_path: str) -> None:
         "train_seconds": summary["seconds"],
         "metrics": summary["metrics"],
     }
-    result.update(_probe(config, summary))
+    result.update(_probe(config, summary, load))
     atomic_write_text(result_path, json.dumps(result, indent=1))
 
 
-def _probe(config: Any, summary: dict[str, Any]) -> dict[str, Any]:
+def _probe(config: Any, summary: dict[str, Any], load: Any) -> dict[str, Any]:
+    """Stored size, base parameter count, mergeability and latencies of the trained adapter in
+    ``config.output_dir`` (``load(base, folder)`` loads it onto a fresh base model)."""
     import dataclasses
 
     import torch
-    from safetensors import safe_open
 
     from peftkit.loading import load_base_model, load_tokenizer
-    from peftkit.peft_model import PeftModel
     from peftkit.training import make_batch, prepare_task
     from peftkit.tuner import count_parameters
 
     folder = config.output_dir
-    weights = os.path.join(folder, "adapter_model.safetensors")
-    with safe_open(weights, framework="pt") as f:
-        stored = 0
-        for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-            n = 1
-            for dim in f.get_slice(key).get_shape():
-                n *= dim
-            stored += n
     model_section = config.model
     if model_section.from_config is not None:
         model_section = dataclasses.replace(
@@ -413,25 +503,12 @@ def _probe(config: Any, summary: dict[str, Any]) -> dict[str, Any]:
     batch = make_batch(examples, tokenizer.pad_token_id, torch.device("cpu"))
     batch.pop("labels", None)
     repeats = int(os.environ.get("PEFTKIT_BENCH_REPEATS", "10"))
-
-    def latency_ms(model: Any) -> float:
-        times = []
-        with torch.no_grad():
-            model(**batch)  # warm-up
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(**batch)
-                times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1000
-
     result: dict[str, Any] = {
-        "stored_params": stored,
-        "stored_bytes": os.path.getsize(weights),
-        "added_params": summary["all_params"] - base_params,
-        "latency_base_ms": latency_ms(base),
+        "base_params": base_params,
+        **counts_of(summary["trainable_params"], summary["all_params"], base_params, folder),
     }
-    adapted = PeftModel.from_pretrained(base, folder).eval()
-    result["latency_unmerged_ms"] = latency_ms(adapted)
+    adapted = load(fresh_base(), folder).eval()
+    times = latencies({"base": base, "unmerged": adapted}, batch, repeats)
     with torch.no_grad():
         unmerged_logits = adapted(**batch).logits.float()
     try:
@@ -440,10 +517,78 @@ def _probe(config: Any, summary: dict[str, Any]) -> dict[str, Any]:
             difference = float((merged(**batch).logits.float() - unmerged_logits).abs().max())
         result["merge_max_abs_difference"] = difference
         result["mergeable"] = difference < 1e-3
-        result["latency_merged_ms"] = latency_ms(merged) if result["mergeable"] else None
-    except (ValueError, NotImplementedError, RuntimeError) as err:
-        result.update(mergeable=False, latency_merged_ms=None, merge_error=str(err)[:200])
+        if result["mergeable"]:
+            times_merged = latencies({"base": base, "merged": merged}, batch, repeats)
+            times["merged"] = times_merged["merged"]
+            times["base"] += times_merged["base"]
+    except (ValueError, NotImplementedError, RuntimeError, AttributeError) as err:
+        result.update(mergeable=False, merge_error=str(err)[:200])
+    result["latency_base_ms"] = statistics.median(times["base"]) * 1000
+    result["latency_unmerged_ms"] = statistics.median(times["unmerged"]) * 1000
+    result["latency_merged_ms"] = statistics.median(times["merged"]) * 1000 if "merged" in times else None
     return result
+
+
+def latencies(models: dict[str, Any], batch: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+    """Seconds of ``repeats`` forward passes of ``batch`` through each model, the models taking turns
+    (one warm-up pass each first), so that a change in the machine's load hits every model alike."""
+    import torch
+
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():
+            model(**batch)
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(**batch)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def stored_size(adapter_dir: str) -> tuple[int, int]:
+    """``(parameters, bytes)`` of the saved ``adapter_model.safetensors`` in ``adapter_dir`` (parameters
+    counted from the tensor shapes in the file's header)."""
+    from safetensors import safe_open
+
+    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+    stored = 0
+    with safe_open(weights, framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            n = 1
+            for dim in f.get_slice(key).get_shape():
+                n *= dim
+            stored += n
+    return stored, os.path.getsize(weights)
+
+
+def parameter_counts(adapted: Any, base_params: int, adapter_dir: str) -> dict[str, int]:
+    """The three counts of a bench row for an adapted model, its base model's parameter count (taken
+    before adapting) and the folder it was saved to:
+
+    * ``trainable_params``: parameters with ``requires_grad`` (what the optimizer updates);
+    * ``added_params``: the adapted model's parameters minus the base model's (new tensors, mergeable or
+      not; a ``modules_to_save`` copy counts);
+    * ``stored_params`` / ``stored_bytes``: what ``adapter_model.safetensors`` holds.
+
+    ``peftkit bench`` computes exactly these (trainable and all parameters during training, the base
+    model's count and the file afterwards)."""
+    from peftkit.tuner import count_parameters
+
+    trainable, total = count_parameters(adapted)
+    return counts_of(trainable, total, base_params, adapter_dir)
+
+
+def counts_of(trainable: int, total: int, base_params: int, adapter_dir: str) -> dict[str, int]:
+    """The three counts from the adapted model's trainable and total parameter counts (taken during
+    training, by :func:`peftkit.tuner.count_parameters`), the base model's count and the saved folder."""
+    stored, stored_bytes = stored_size(adapter_dir)
+    return {
+        "trainable_params": trainable,
+        "added_params": total - base_params,
+        "stored_params": stored,
+        "stored_bytes": stored_bytes,
+    }
 
 
 def config_batch(config: Any) -> int:

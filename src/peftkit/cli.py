@@ -187,7 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="run methods x models x tasks x precisions x seeds, one process each"
     )
-    bench.add_argument("spec", help="a bench spec YAML (see examples/bench_sst2.yaml)")
+    bench.add_argument("spec", nargs="?", help="a bench spec YAML (see examples/bench_sst2.yaml)")
+    bench.add_argument(
+        "--report",
+        metavar="OUTPUT_DIR",
+        help="rebuild report.md and the plots of a finished grid from its rows",
+    )
     bench.add_argument("--only", help="comma-separated method names of the spec to run")
     bench.add_argument("--dry-run", action="store_true", help="check the spec and list the runs")
     bench.add_argument("--resume", action="store_true", help="reuse finished runs of the same config")
@@ -231,8 +236,17 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from peftkit.bench import load_spec, run_bench
+    from peftkit.bench import load_spec, rebuild_report, run_bench
 
+    if args.report:
+        if args.spec:
+            raise ValueError(
+                "pass a spec to run a grid, or --report OUTPUT_DIR to rebuild a report; not both."
+            )
+        print(f"report: {rebuild_report(args.report)}")
+        return 0
+    if not args.spec:
+        raise ValueError("peftkit bench needs a spec YAML (or --report OUTPUT_DIR).")
     spec = load_spec(args.spec, args.only.split(",") if args.only else None)
     if args.seeds:
         try:

@@ -28,7 +28,7 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,10 +174,16 @@ def evaluate(model: nn.Module, task: Task, batch_size: int, device: torch.device
 
 # -------------------------------------------------------------------------------------- the model
 def build_peft_model(
-    config: RunConfig, task: Task, tokenizer: Any, save_base_to: str | None = None
+    config: RunConfig,
+    task: Task,
+    tokenizer: Any,
+    save_base_to: str | None = None,
+    wrap: Callable[[nn.Module, Any], nn.Module] | None = None,
 ) -> nn.Module:
     """Load the base model and wrap it with the configured method; with ``save_base_to``, first save the
-    base model and tokenizer there (atomically), e.g. a randomly initialised model built from a config."""
+    base model and tokenizer there (atomically), e.g. a randomly initialised model built from a config.
+    ``wrap(base, method_config)`` replaces :func:`peftkit.get_peft_model` (``peftkit bench`` passes another
+    library's equivalent for its peer column)."""
     from peftkit.peft_model import get_peft_model
 
     problem_type = None
@@ -207,7 +213,7 @@ def build_peft_model(
         method_config = method_config.replace(base_model_name_or_path=os.path.abspath(save_base_to))
     torch.manual_seed(config.train.seed)  # adapter initialisation is part of the run's seed
     try:
-        peft_model = get_peft_model(base, method_config)
+        peft_model = (wrap or get_peft_model)(base, method_config)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -455,9 +461,18 @@ def load_checkpoint(path: str, peft_model: nn.Module) -> tuple[dict[str, Any], d
     return trainer_state, training_state
 
 
+def _adapter_parameters(peft_model: nn.Module) -> dict[str, nn.Parameter]:
+    """The default adapter's parameters by their in-memory names; for a model wrapped by another library
+    (``peftkit bench``'s peer runs), every parameter that requires gradients."""
+    adapter_parameter_map = getattr(peft_model.base_model, "adapter_parameter_map", None)
+    if adapter_parameter_map is None:
+        return {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    return adapter_parameter_map("default")
+
+
 def _trainable_parameters(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     """The default adapter's parameters by their in-memory names (whole tensors, on the CPU)."""
-    params = peft_model.base_model.adapter_parameter_map("default")
+    params = _adapter_parameters(peft_model)
     return {name: _full(p.detach()).to("cpu").contiguous().clone() for name, p in params.items()}
 
 
@@ -466,7 +481,7 @@ def _load_trainable_parameters(peft_model: nn.Module, path: str) -> None:
     from safetensors.torch import load_file
 
     saved = load_file(path)
-    params = peft_model.base_model.adapter_parameter_map("default")
+    params = _adapter_parameters(peft_model)
     wrong = sorted(set(saved) ^ set(params)) + [
         f"{name} {tuple(saved[name].shape)} vs {tuple(p.shape)}"
         for name, p in params.items()
@@ -525,8 +540,13 @@ def _format_metrics(metrics: dict[str, float]) -> str:
 
 
 # -------------------------------------------------------------------------------------- the loop
-def train(config: RunConfig, resume: bool | None = None) -> dict[str, Any]:
-    """Run ``config``; returns the summary (also written to ``output_dir/summary.json``)."""
+def train(
+    config: RunConfig,
+    resume: bool | None = None,
+    wrap: Callable[[nn.Module, Any], nn.Module] | None = None,
+) -> dict[str, Any]:
+    """Run ``config``; returns the summary (also written to ``output_dir/summary.json``). ``wrap``: see
+    :func:`build_peft_model`."""
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -544,7 +564,7 @@ def train(config: RunConfig, resume: bool | None = None) -> dict[str, Any]:
         if config.model.from_config is not None and group.is_main
         else None
     )
-    peft_model = build_peft_model(config, task, tokenizer, save_base_to)
+    peft_model = build_peft_model(config, task, tokenizer, save_base_to, wrap)
     schedule = Schedule.of(config, len(task.train_examples), group.world_size)
 
     checkpoints = list_checkpoints(output_dir) if resume else []
