@@ -223,3 +223,20 @@ def test_report_aggregates_seeds_and_lays_out_peer_precision_and_size_tables(tmp
     assert "| t | fp32 | lora | 20 ms · 100 MiB · 10 tr. | 80 ms · 100 MiB · 10 tr. |" in report  # sizes
     assert "`s-ia3-peftkit-fp32-seed0`: failed: boom" in report
     assert (tmp_path / "cost_vs_size.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "spec_path",
+    sorted(str(p) for p in (Path(__file__).resolve().parent.parent / "examples").glob("bench*.yaml"))
+    + sorted(str(p) for p in (Path(__file__).resolve().parent.parent / "docs" / "benchmarks").glob("*.yaml")),
+)
+def test_shipped_bench_specs_expand_into_valid_run_configs(spec_path, monkeypatch):
+    """Every spec in the repository (examples/, docs/benchmarks/) checks out as run configs."""
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # their paths are relative to the root
+    runs = expand(load_spec(spec_path))
+    assert runs and len({r.run_id for r in runs}) == len(runs)
+
+
+def test_an_unknown_metric_name_is_refused(tmp_path, tokenizer_dir):
+    with pytest.raises(RunConfigError, match="metric 'matthews' is unknown"):
+        load_spec(write_spec(tmp_path, tokenizer_dir, tasks={"a": {"metric": "matthews"}}))

@@ -125,3 +125,23 @@ def test_inspect_missing_folder_is_a_clean_error(tmp_path) -> None:
     assert result.returncode == 2
     assert "error" in result.stderr and "adapter_config.json" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_split_seed_fixes_the_validation_draw_across_training_seeds():
+    """``data.split_seed`` keeps one validation split for every training seed (a benchmark's seeds then
+    differ in initialisation and order only); without it the split follows the training seed."""
+    from pathlib import Path
+
+    from peftkit.data import load_splits
+    from peftkit.runconfig import DataSection
+
+    train = str(Path(__file__).resolve().parent.parent / "examples" / "data" / "sentiment" / "train.csv")
+    fixed = DataSection(train=train, validation_split=0.25, split_seed=7)
+    follows = DataSection(train=train, validation_split=0.25)
+    val_a = load_splits(fixed, seed=0)[1]
+    val_b = load_splits(fixed, seed=1)[1]
+    assert val_a == val_b and val_a == load_splits(follows, seed=7)[1]
+    assert load_splits(follows, seed=0)[1] != load_splits(follows, seed=1)[1]
+    train_rows, val_rows = load_splits(fixed, seed=0)
+    assert len(val_rows) == round(0.25 * (len(train_rows) + len(val_rows)))
+    assert not {tuple(r.items()) for r in val_rows} & {tuple(r.items()) for r in train_rows}

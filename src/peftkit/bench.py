@@ -172,6 +172,11 @@ def load_spec(path: str, only: list[str] | None = None) -> BenchSpec:
         spec.inference = {**spec.inference, **raw["inference"]}
     if raw.get("metric") is not None:
         spec.metric = str(raw["metric"])
+    for where, name in [("metric", spec.metric)] + [
+        (f"tasks.{t}.metric", m) for t, m in spec.task_metrics.items()
+    ]:
+        if name is not None and name not in KNOWN_METRICS:
+            raise RunConfigError(f"bench {where} {name!r} is unknown; allowed: {', '.join(KNOWN_METRICS)}.")
     if raw.get("peer") is not None:
         spec.peer = os.path.abspath(str(raw["peer"]))
         load_peer(spec.peer)  # a missing file or function is an error now, not after the first runs
@@ -357,6 +362,7 @@ def _read(path: str) -> str | None:
 
 
 MAIN_METRIC = ("accuracy", "pearson", "perplexity", "loss")
+KNOWN_METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman", "perplexity", "loss")  # see peftkit.metrics
 
 
 def _choose_metric(row: dict[str, Any], spec: BenchSpec) -> None:

@@ -94,7 +94,7 @@ def load_splits(data: DataSection, seed: int) -> tuple[list[Row], list[Row]]:
         if validation_rows:
             raise RunConfigError("data.validation_split is set but data.validation is given too; use one.")
         order = list(range(len(train_rows)))
-        random.Random(seed).shuffle(order)
+        random.Random(seed if data.split_seed is None else data.split_seed).shuffle(order)
         n_val = max(1, round(len(train_rows) * data.validation_split))
         validation_rows = [train_rows[i] for i in sorted(order[:n_val])]
         train_rows = [train_rows[i] for i in sorted(order[n_val:])]

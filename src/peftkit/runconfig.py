@@ -77,6 +77,7 @@ class DataSection:
     dataset: str | None = None
     dataset_config: str | None = None
     validation_split: float = 0.0
+    split_seed: int | None = None  # the seed of validation_split's draw; default: train.seed
     format: DataFormat = "classification"
     columns: list[str] | None = None  # column names for a CSV/TSV file without a header row
     text_column: str = "text"
