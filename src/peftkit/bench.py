@@ -59,7 +59,7 @@ from typing import Any
 
 import yaml
 
-from peftkit.io_utils import atomic_write_text
+from peftkit.io_utils import atomic_write, atomic_write_text
 from peftkit.runconfig import RunConfigError, build_method_config, build_run_config
 
 PRECISIONS: dict[str, dict[str, Any]] = {
@@ -318,7 +318,10 @@ def run_bench(spec: BenchSpec, dry_run: bool = False, resume: bool = False) -> l
         wall_seconds = time.perf_counter() - started
         if returncode == 0 and os.path.isfile(result_path):
             with open(result_path, encoding="utf-8") as f:
-                row.update(json.load(f))
+                result = json.load(f)
+            result["wall_seconds"] = wall_seconds  # kept with the result, so that --resume reports it too
+            atomic_write_text(result_path, json.dumps(result, indent=1))
+            row.update(result)
             row["status"] = "ok"
             _choose_metric(row, spec)
         else:
@@ -403,12 +406,14 @@ def write_results(folder: str, rows: list[dict[str, Any]], meta: dict[str, Any] 
     """results.jsonl (everything), results.csv (the columns above), then the report (report.md and its
     plots, :func:`write_report`)."""
     atomic_write_text(os.path.join(folder, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    tmp = os.path.join(folder, "results.csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, os.path.join(folder, "results.csv"))
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(os.path.join(folder, "results.csv"), write_csv)
     from peftkit.bench_report import write_report
 
     write_report(folder, rows, meta)

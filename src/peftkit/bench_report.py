@@ -19,7 +19,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from peftkit.io_utils import atomic_write_text
+from peftkit.io_utils import atomic_write, atomic_write_text
 
 Row = dict[str, Any]
 PLOTS = ("score_vs_trainable.png", "peak_memory.png", "step_time.png", "cost_vs_size.png")
@@ -305,20 +305,24 @@ def _plots(folder: str, rows: list[Row]) -> list[str]:
 
 
 def _draw_score(ax: Any, rows: list[Row]) -> None:
+    import matplotlib
+
+    methods = _ordered([r["method"] for r in rows])
+    palette = matplotlib.colormaps["tab20"]
     for (method, library), group in _group(rows, ("method", "library")).items():
         mean, spread, _ = _score(group)
         if mean is None:
             continue
         x = max(group[0]["trainable_params"], 1)
         label = method if library == "peftkit" else f"{method} ({library})"
+        color = palette(methods.index(method) % 20)
+        ours = library == "peftkit"
         ax.errorbar(
-            [x],
-            [mean],
-            yerr=[spread or 0.0],
-            fmt="o" if library == "peftkit" else "x",
-            capsize=3,
-            label=label,
-        )
+            [x], [mean], yerr=[spread or 0.0], fmt="o" if ours else "x", capsize=3, label=label, color=color,
+            markersize=7 if ours else 10,
+        )  # fmt: skip
+        if ours:
+            ax.annotate(method, (x, mean), textcoords="offset points", xytext=(5, 4), fontsize=6, color=color)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(next((r.get("metric_name") for r in rows if r.get("metric_name")), "score"))
@@ -342,7 +346,5 @@ def _save(fig: Any, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
