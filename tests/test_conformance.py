@@ -16,12 +16,16 @@ import pytest
 import torch
 from torch import nn
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 import peftkit
@@ -63,6 +67,30 @@ def tiny_bert_cls(seed: int = 0) -> nn.Module:
     return BertForSequenceClassification(config).eval()
 
 
+def tiny_t5(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = T5Config(
+        d_model=16, d_ff=32, d_kv=8, num_layers=2, num_heads=2, vocab_size=100, decoder_start_token_id=0
+    )
+    return T5ForConditionalGeneration(config).eval()
+
+
+def tiny_bart(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = BartConfig(
+        d_model=16,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        vocab_size=100,
+        max_position_embeddings=64,
+    )
+    return BartForConditionalGeneration(config).eval()
+
+
 @dataclass
 class Case:
     """One method on one model."""
@@ -84,7 +112,10 @@ class Case:
     # the checkpoint holds a computed tensor (a prompt encoder's output, as HF PEFT saves P-Tuning and
     # projected prefixes), not the parameters: the round trip compares outputs and saved tensors
     saved_as_output: bool = False
+    # extra inputs of the adapted model only (Multitask Prompt Tuning's task_ids)
     inputs: dict[str, Any] = field(default_factory=dict)
+    # extra inputs of every model, base or adapted (an encoder-decoder model's decoder_input_ids)
+    model_inputs: dict[str, Any] = field(default_factory=dict)
 
 
 def _ids(vocab: int = 100) -> dict[str, torch.Tensor]:
@@ -329,6 +360,54 @@ CASES += [
     ),
 ]
 
+# Encoder-decoder models (T5, BART): a prefix fills the decoder's self-attention cache (HF PEFT's placement);
+# with encoder_prefix=True every encoder self-attention layer gets its own trained prefix too (peftkit only).
+_DECODER_IDS = {
+    "decoder_input_ids": torch.randint(0, 100, (3, 5), generator=torch.Generator().manual_seed(5))
+}
+_SEQ2SEQ_PROMPT = {**_PROMPT, "model_inputs": _DECODER_IDS}
+CASES += [
+    Case(
+        "prefix-t5-decoder",
+        "PREFIX_TUNING",
+        tiny_t5,
+        lambda: peftkit.PrefixTuningConfig(num_virtual_tokens=3, task_type="SEQ_2_SEQ_LM"),
+        **_SEQ2SEQ_PROMPT,
+    ),
+    Case(
+        "prefix-t5-encoder_prefix",
+        "PREFIX_TUNING",
+        tiny_t5,
+        lambda: peftkit.PrefixTuningConfig(
+            num_virtual_tokens=3, encoder_prefix=True, task_type="SEQ_2_SEQ_LM"
+        ),
+        **_SEQ2SEQ_PROMPT,
+    ),
+    Case(
+        "prefix-bart-encoder_prefix",
+        "PREFIX_TUNING",
+        tiny_bart,
+        lambda: peftkit.PrefixTuningConfig(
+            num_virtual_tokens=3, encoder_prefix=True, task_type="SEQ_2_SEQ_LM"
+        ),
+        **_SEQ2SEQ_PROMPT,
+    ),
+    Case(
+        "prefix-bart-encoder_prefix-projection",
+        "PREFIX_TUNING",
+        tiny_bart,
+        lambda: peftkit.PrefixTuningConfig(
+            num_virtual_tokens=3,
+            encoder_prefix=True,
+            prefix_projection=True,
+            encoder_hidden_size=8,
+            task_type="SEQ_2_SEQ_LM",
+        ),
+        saved_as_output=True,
+        **_SEQ2SEQ_PROMPT,
+    ),
+]
+
 # Multitask Prompt Tuning: each row's task prompt P* ∘ (u_t v_tᵀ); task_ids (one per row of _ids()) reach
 # the adapted model only, and cover both tasks so that every task factor trains.
 CASES += [
@@ -455,8 +534,9 @@ CASES += [
 
 
 def _case_inputs(model: nn.Module, case: Case) -> dict[str, Any]:
-    """``_ids()`` and, for an adapted model, the case's extra inputs (a plain base model takes none)."""
-    return {**_ids(), **(case.inputs if isinstance(model, PeftModel) else {})}
+    """``_ids()``, the case's model inputs and, for an adapted model, its adapter's extra inputs (a plain base
+    model takes none)."""
+    return {**_ids(), **case.model_inputs, **(case.inputs if isinstance(model, PeftModel) else {})}
 
 
 def _output(model: nn.Module, case: Case) -> torch.Tensor:

@@ -167,7 +167,58 @@ def _require_column(rows: Sequence[Row], column: str, key: str) -> None:
 def build_examples(
     rows: Sequence[Row], data: DataSection, tokenizer: Any, labels: LabelSpace, task_type: str, split: str
 ) -> list[Example]:
-    """Tokenise ``rows`` into examples for ``data.format``."""
+    """Tokenise ``rows`` into examples for ``data.format`` (one per row, in order), each with its row's
+    ``task_ids`` when ``data.task_id_column`` is set."""
+    examples = _format_examples(rows, data, tokenizer, labels, task_type, split)
+    if data.task_id_column is not None:
+        for example, task_id in zip(examples, task_ids_of(rows, data, split), strict=True):
+            example["task_ids"] = task_id
+    return examples
+
+
+#: per-row model inputs that a data option adds beside the tokens: input name -> the option that sets it
+ROW_INPUT_OPTIONS = {"task_ids": "data.task_id_column"}
+
+
+def row_inputs(data: DataSection) -> tuple[str, ...]:
+    """The per-row inputs (keys of :data:`ROW_INPUT_OPTIONS`) that ``data`` puts into every example."""
+    return ("task_ids",) if data.task_id_column is not None else ()
+
+
+def task_ids_of(rows: Sequence[Row], data: DataSection, split: str) -> list[int]:
+    """Each row's task id: the integer in ``data.task_id_column`` (a number, or digits in a CSV/TSV
+    cell), or the position of its task name in ``data.task_names``."""
+    column = data.task_id_column
+    assert column is not None
+    _require_column(rows, column, "data.task_id_column")
+    index = {name: i for i, name in enumerate(data.task_names or [])}
+    ids = []
+    for i, row in enumerate(rows):
+        value = row.get(column)
+        if value is None:
+            raise RunConfigError(f"{split} row {i} has no task in data.task_id_column {column!r}.")
+        if data.task_names is not None:
+            name = str(value).strip()
+            if name not in index:
+                raise RunConfigError(
+                    f"{split} row {i}: task {name!r} (data.task_id_column {column!r}) is not one of "
+                    f"data.task_names {data.task_names}."
+                )
+            ids.append(index[name])
+            continue
+        text = str(value).strip()
+        if not (text.isascii() and text.isdigit()):  # rejects -1, 1.5, 1.0 and True as well
+            raise RunConfigError(
+                f"{split} row {i}: task {value!r} in data.task_id_column {column!r} is not a task id (an "
+                f"integer 0, 1, ...); to use task names, list them in id order in data.task_names."
+            )
+        ids.append(int(text))
+    return ids
+
+
+def _format_examples(
+    rows: Sequence[Row], data: DataSection, tokenizer: Any, labels: LabelSpace, task_type: str, split: str
+) -> list[Example]:
     fmt = data.format
     if fmt in ("classification", "regression"):
         return _classification_examples(rows, data, tokenizer, labels, split)
@@ -198,6 +249,8 @@ def build_examples(
 def _classification_examples(
     rows: Sequence[Row], data: DataSection, tokenizer: Any, labels: LabelSpace, split: str
 ) -> list[Example]:
+    if not rows:  # no validation data (the tokenizer cannot encode an empty batch)
+        return []
     _require_column(rows, data.text_column, "data.text_column")
     _require_column(rows, data.label_column, "data.label_column")
     if data.text_pair_column:
@@ -303,14 +356,15 @@ def _chat_example(tokenizer: Any, messages: Any, data: DataSection) -> Example:
 def collate(
     examples: Sequence[Example], pad_token_id: int, padding_side: str = "right"
 ) -> dict[str, torch.Tensor]:
-    """Pad a list of examples into tensors (labels padded with -100)."""
+    """Pad a list of examples into tensors (labels padded with -100); a per-row number (a class or
+    regression label, a task id) becomes a 1-D tensor in row order."""
     if not examples:
         raise ValueError("cannot collate an empty batch")
     length = max(len(e["input_ids"]) for e in examples)
     batch: dict[str, torch.Tensor] = {}
     for key in examples[0]:
         values = [e[key] for e in examples]
-        if key == "labels" and not isinstance(values[0], list):
+        if not isinstance(values[0], list):
             dtype = torch.float32 if isinstance(values[0], float) else torch.long
             batch[key] = torch.tensor(values, dtype=dtype)
             continue

@@ -391,6 +391,20 @@ class PromptTuner(BaseTuner):
             return None
         return self.active_adapters[0]
 
+    def extra_forward_inputs(self) -> tuple[str, ...]:
+        return self.prompt_forward_args if self._active_prompt() is not None else ()
+
+    def check_forward_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Run the prompt encoder once on the distinct values (its own checks name what is wrong)."""
+        adapter = self._active_prompt()
+        if adapter is None or not inputs:
+            return
+        distinct = {name: torch.unique(value) for name, value in inputs.items()}
+        if len(distinct) > 1:
+            return  # several per-row inputs: their distinct values no longer line up row by row
+        with torch.no_grad():
+            self.prompt_encoder[adapter](**distinct)
+
     def _take_prompt_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Remove the method's own inputs (``prompt_forward_args``) from ``kwargs`` and return them."""
         return {name: kwargs.pop(name) for name in self.prompt_forward_args if name in kwargs}

@@ -69,7 +69,8 @@ class DataSection:
     Formats: ``classification`` (``text_column`` [+ ``text_pair_column``] and ``label_column``),
     ``regression`` (same, float labels), ``text`` (plain text for causal LM), ``instruction`` (alpaca's
     ``instruction`` / ``input`` / ``output``), ``chat`` (a ``messages`` list rendered with the
-    tokenizer's chat template; the loss covers the assistant turns only).
+    tokenizer's chat template; the loss covers the assistant turns only). ``task_id_column`` adds each
+    row's task id to its example (``task_ids`` in every batch), for any format.
     """
 
     train: str | None = None
@@ -85,6 +86,10 @@ class DataSection:
     label_column: str = "label"
     labels: list[str] | None = None  # label names in id order; default: sorted distinct values
     messages_column: str = "messages"
+    # each row's task (a method that takes per-row task_ids, e.g. multitask prompt tuning): an integer id
+    # 0..T-1, or a task name listed in task_names (names in id order)
+    task_id_column: str | None = None
+    task_names: list[str] | None = None
     prompt_template: str = "alpaca"
     train_on_prompt: bool = False
     max_length: int = 256
@@ -416,6 +421,15 @@ def _check_consistency(config: RunConfig) -> None:
         raise RunConfigError(f"train.lr must be positive, got {train.lr}.")
     if not 0.0 <= train.warmup_ratio < 1.0:
         raise RunConfigError(f"train.warmup_ratio must be in [0, 1), got {train.warmup_ratio}.")
+    if data.task_names is not None:
+        if data.task_id_column is None:
+            raise RunConfigError(
+                "data.task_names is set but data.task_id_column is not; name the column holding each row's task."
+            )
+        if not data.task_names or len(set(data.task_names)) != len(data.task_names):
+            raise RunConfigError(
+                f"data.task_names must list distinct task names in id order, got {data.task_names}."
+            )
     if data.max_length < 2:
         raise RunConfigError(f"data.max_length must be at least 2, got {data.max_length}.")
 

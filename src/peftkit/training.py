@@ -18,6 +18,8 @@ One loop serves one process, DDP and FSDP2 (started by ``torchrun``; gloo on CPU
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import math
 import os
@@ -37,7 +39,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from peftkit.data import Example, LabelSpace, build_examples, collate, label_space, load_splits, loss_units
+from peftkit.data import (
+    ROW_INPUT_OPTIONS,
+    Example,
+    LabelSpace,
+    build_examples,
+    collate,
+    label_space,
+    load_splits,
+    loss_units,
+    row_inputs,
+)
 from peftkit.io_utils import atomic_write_text
 from peftkit.loading import load_base_model, load_tokenizer
 from peftkit.metrics import classification_metrics, lm_metrics, regression_metrics
@@ -105,6 +117,8 @@ class Task:
     task_type: str
     data_format: str
     pad_token_id: int
+    #: per-row inputs besides the tokens that every example (and batch) carries, e.g. ``task_ids``
+    row_inputs: tuple[str, ...] = ()
 
 
 def prepare_task(config: RunConfig, tokenizer: Any) -> Task:
@@ -116,7 +130,64 @@ def prepare_task(config: RunConfig, tokenizer: Any) -> Task:
     for examples in (train_examples, eval_examples):
         for example in examples:
             example["_units"] = _example_units(example, task_type)
-    return Task(train_examples, eval_examples, labels, task_type, config.data.format, tokenizer.pad_token_id)
+    return Task(
+        train_examples,
+        eval_examples,
+        labels,
+        task_type,
+        config.data.format,
+        tokenizer.pad_token_id,
+        row_inputs(config.data),
+    )
+
+
+def check_row_inputs(model: nn.Module, task: Task, method: str) -> None:
+    """Before the first step: the data carries exactly the per-row inputs the adapted model takes
+    (``task_ids`` for a method whose tuner declares it), with values it accepts.
+
+    A peftkit model answers through its tuner's ``extra_forward_inputs`` / ``check_forward_inputs``; another
+    library's model (``peftkit bench``'s peer column) through the parameters its ``forward`` names.
+
+    Raises:
+        RunConfigError: a data option the method cannot use, an input the method needs that the data
+            lacks, or a value the method rejects (a task id beyond its number of tasks).
+    """
+    from peftkit.tuner import BaseTuner
+
+    given = set(task.row_inputs)
+    tuner = getattr(model, "base_model", None)
+    if isinstance(tuner, BaseTuner):
+        wanted = set(tuner.extra_forward_inputs())
+    else:
+        wanted = given & set(inspect.signature(model.forward).parameters)
+    unused, missing = sorted(given - wanted), sorted(wanted - given)
+    if unused:
+        name = unused[0]
+        raise RunConfigError(
+            f"{ROW_INPUT_OPTIONS[name]} is set, but method {method} takes no {name}; remove "
+            f"{ROW_INPUT_OPTIONS[name]} or pick a method that uses {name}."
+        )
+    if missing:
+        name = missing[0]
+        if name not in ROW_INPUT_OPTIONS:
+            raise RunConfigError(
+                f"method {method} needs the input {name} on every row, which no data option of peftkit train "
+                f"provides; use the library API."
+            )
+        raise RunConfigError(
+            f"method {method} needs {name} (one per row): set {ROW_INPUT_OPTIONS[name]} to the column that "
+            f"holds each row's task."
+        )
+    if isinstance(tuner, BaseTuner) and given:
+        examples = task.train_examples + task.eval_examples
+        values = {name: torch.tensor([e[name] for e in examples]) for name in sorted(given)}
+        try:
+            tuner.check_forward_inputs(values)
+        except ValueError as err:
+            options = ", ".join(ROW_INPUT_OPTIONS[name] for name in sorted(given))
+            raise RunConfigError(
+                f"the data's {', '.join(sorted(given))} ({options}) do not fit method {method}: {err}"
+            ) from None
 
 
 def _example_units(example: Example, task_type: str) -> int:
@@ -203,8 +274,11 @@ def build_peft_model(
         if hasattr(base.config, "use_cache"):
             base.config.use_cache = False
     tmp = None
+    created_dir = None  # the output folder, when saving the base creates it (removed again on failure)
     if save_base_to is not None and not os.path.isdir(save_base_to):
         tmp = save_base_to + ".tmp"
+        parent = os.path.dirname(os.path.abspath(save_base_to))
+        created_dir = None if os.path.isdir(parent) else parent
         shutil.rmtree(tmp, ignore_errors=True)
         base.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -214,9 +288,13 @@ def build_peft_model(
     torch.manual_seed(config.train.seed)  # adapter initialisation is part of the run's seed
     try:
         peft_model = (wrap or get_peft_model)(base, method_config)
+        check_row_inputs(peft_model, task, str(config.method.get("name")))
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        if created_dir is not None:
+            with contextlib.suppress(OSError):  # only if still empty
+                os.rmdir(created_dir)
         raise
     if tmp is not None:
         os.replace(tmp, save_base_to)
@@ -822,6 +900,7 @@ def evaluate_adapter(config: RunConfig, adapter_dir: str) -> dict[str, float]:
         model_section, num_labels=task.labels.num_labels, problem_type=problem_type, tokenizer=tokenizer
     )
     model = PeftModel.from_pretrained(base, adapter_dir)
+    check_row_inputs(model, task, str(adapter_config.peft_type).lower())
     device = setup_processes(config.train.device).device
     model.to(device)
     return evaluate(model, task, config.train.eval_batch_size, device)

@@ -185,6 +185,21 @@ class BaseTuner(nn.Module):
         config stays as the user wrote it)."""
         return {}
 
+    def extra_forward_inputs(self) -> tuple[str, ...]:
+        """Keyword inputs beyond the base model's own that the active adapter(s) take out of ``forward`` /
+        ``generate`` and need on every call, one value per batch row (Multitask Prompt Tuning's
+        ``task_ids``). A training loop passes data columns with these names through and checks, before the
+        first step, that the data carries exactly these. ``()``: none."""
+        return ()
+
+    def check_forward_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Check values of :meth:`extra_forward_inputs` (e.g. every task id of a data set) before they reach
+        ``forward``, so that a bad value is reported before training starts.
+
+        Raises:
+            ValueError: a value the active adapter(s) cannot take.
+        """
+
     def parameter_count_parts(self) -> dict[str, int]:
         """Parameter counts of the parts of the active adapter(s), for a method made of parts (a
         combination's components); ``print_trainable_parameters`` prints them under the total. ``{}``: one

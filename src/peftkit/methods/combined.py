@@ -392,6 +392,19 @@ class CombinedModel(BaseTuner):
             for component, sub in config.components.items()  # type: ignore[union-attr]
         }
 
+    def extra_forward_inputs(self) -> tuple[str, ...]:
+        """The components' extra inputs (each component takes its own out of the inputs on the way)."""
+        names: list[str] = []
+        for _, _, tuner in self._chain():
+            names += [n for n in tuner.extra_forward_inputs() if n not in names]
+        return tuple(names)
+
+    def check_forward_inputs(self, inputs: dict[str, torch.Tensor]) -> None:
+        for _, _, tuner in self._chain():
+            own = {k: v for k, v in inputs.items() if k in tuner.extra_forward_inputs()}
+            if own:
+                tuner.check_forward_inputs(own)
+
     def on_step_end(self, global_step: int) -> None:
         """The trainer's per-step hook, passed on to the components that adapt during training (AdaLoRA)."""
         for _, _, tuner in self._chain():

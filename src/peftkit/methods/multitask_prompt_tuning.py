@@ -130,8 +130,10 @@ class MultitaskPromptEmbedding(nn.Module):
                 f"task_ids must be a 1-D integer tensor with one task index per batch row, got {task_ids!r}."
             )
         if len(task_ids) and (int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks):
+            bad = sorted({int(t) for t in task_ids.tolist() if not 0 <= int(t) < num_tasks})
             raise ValueError(
-                f"task_ids must lie in [0, {num_tasks - 1}] (num_tasks={num_tasks}), got {task_ids}."
+                f"task_ids must lie in [0, {num_tasks - 1}] (num_tasks={num_tasks}), got {', '.join(map(str, bad))}; "
+                f"set num_tasks to the number of tasks, or fix the task ids."
             )
         task_ids = task_ids.to(self.prefix_task_cols.device)
         task_matrix = (
