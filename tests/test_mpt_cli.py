@@ -247,3 +247,27 @@ def test_task_names_without_a_task_id_column(tmp_path: Path, capsys: pytest.Capt
     del config["data"]["task_id_column"]
     err = _fails(tmp_path, config, capsys)
     assert "data.task_names is set but data.task_id_column is not" in err
+
+
+def test_peftkit_bench_runs_mpt_with_task_ids_and_probes_the_base_without_them(tmp_path: Path) -> None:
+    """A bench grid point of MPT: trains with the task ids, and the latency probe runs the base model on
+    the same batch without them (the base model takes no task_ids)."""
+    import yaml
+
+    tokenizer = build_tokenizer(tmp_path / "tok")
+    base = _mpt_config(tmp_path, tokenizer, max_steps=2, eval_before=False)
+    base.pop("output_dir")
+    method = base.pop("method")
+    spec = {
+        "base": base,
+        "methods": {"mpt": {"method": method}},
+        "inference": {"batch_size": 4, "repeats": 1},
+        "output_dir": str(tmp_path / "bench"),
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["bench", str(path)]) == 0
+    (row,) = [json.loads(line) for line in (tmp_path / "bench" / "results.jsonl").read_text().splitlines()]
+    assert row["status"] == "ok" and row["latency_base_ms"] > 0 and row["latency_unmerged_ms"] > 0
+    # trainable: the shared prompt, the task-specific rank-1 factors and the head copy (hidden 32, 2 labels)
+    assert row["trainable_params"] == 4 * 32 + 2 * (4 * 1 + 1 * 32) + (32 * 2 + 2)

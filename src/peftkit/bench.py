@@ -519,17 +519,20 @@ def _probe(config: Any, summary: dict[str, Any], load: Any) -> dict[str, Any]:
         **counts_of(summary["trainable_params"], summary["all_params"], base_params, folder),
     }
     adapted = load(fresh_base(), folder).eval()
-    times = latencies({"base": base, "unmerged": adapted}, batch, repeats)
+    # per-row inputs of the method (task ids) are for the adapted model only
+    base_batch = {k: v for k, v in batch.items() if k not in task.row_inputs}
+    inputs = {"base": base_batch, "unmerged": batch, "merged": base_batch}
+    times = latencies({"base": base, "unmerged": adapted}, inputs, repeats)
     with torch.no_grad():
         unmerged_logits = adapted(**batch).logits.float()
     try:
         merged = adapted.merge_and_unload(safe_merge=True).eval()
         with torch.no_grad():
-            difference = float((merged(**batch).logits.float() - unmerged_logits).abs().max())
+            difference = float((merged(**base_batch).logits.float() - unmerged_logits).abs().max())
         result["merge_max_abs_difference"] = difference
         result["mergeable"] = difference < 1e-3
         if result["mergeable"]:
-            times_merged = latencies({"base": base, "merged": merged}, batch, repeats)
+            times_merged = latencies({"base": base, "merged": merged}, inputs, repeats)
             times["merged"] = times_merged["merged"]
             times["base"] += times_merged["base"]
     except (ValueError, NotImplementedError, RuntimeError, AttributeError) as err:
@@ -540,19 +543,22 @@ def _probe(config: Any, summary: dict[str, Any], load: Any) -> dict[str, Any]:
     return result
 
 
-def latencies(models: dict[str, Any], batch: dict[str, Any], repeats: int) -> dict[str, list[float]]:
-    """Seconds of ``repeats`` forward passes of ``batch`` through each model, the models taking turns
-    (one warm-up pass each first), so that a change in the machine's load hits every model alike."""
+def latencies(
+    models: dict[str, Any], inputs: dict[str, dict[str, Any]], repeats: int
+) -> dict[str, list[float]]:
+    """Seconds of ``repeats`` forward passes of each model on its batch (``inputs[name]``), the models
+    taking turns (one warm-up pass each first), so that a change in the machine's load hits every model
+    alike."""
     import torch
 
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
-        for model in models.values():
-            model(**batch)
+        for name, model in models.items():
+            model(**inputs[name])
         for _ in range(repeats):
             for name, model in models.items():
                 start = time.perf_counter()
-                model(**batch)
+                model(**inputs[name])
                 times[name].append(time.perf_counter() - start)
     return times
 
