@@ -14,18 +14,15 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_models import tiny_bart, tiny_t5
 from torch import nn
 from transformers import (
-    BartConfig,
-    BartForConditionalGeneration,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
-    T5Config,
-    T5ForConditionalGeneration,
 )
 
 import peftkit
@@ -67,28 +64,12 @@ def tiny_bert_cls(seed: int = 0) -> nn.Module:
     return BertForSequenceClassification(config).eval()
 
 
-def tiny_t5(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = T5Config(
-        d_model=16, d_ff=32, d_kv=8, num_layers=2, num_heads=2, vocab_size=100, decoder_start_token_id=0
-    )
-    return T5ForConditionalGeneration(config).eval()
+def conformance_t5(seed: int = 0) -> nn.Module:
+    return tiny_t5(seed, layers=2, vocab=100)
 
 
-def tiny_bart(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = BartConfig(
-        d_model=16,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        vocab_size=100,
-        max_position_embeddings=64,
-    )
-    return BartForConditionalGeneration(config).eval()
+def conformance_bart(seed: int = 0) -> nn.Module:
+    return tiny_bart(seed, layers=2, vocab=100)
 
 
 @dataclass
@@ -370,14 +351,14 @@ CASES += [
     Case(
         "prefix-t5-decoder",
         "PREFIX_TUNING",
-        tiny_t5,
+        conformance_t5,
         lambda: peftkit.PrefixTuningConfig(num_virtual_tokens=3, task_type="SEQ_2_SEQ_LM"),
         **_SEQ2SEQ_PROMPT,
     ),
     Case(
         "prefix-t5-encoder_prefix",
         "PREFIX_TUNING",
-        tiny_t5,
+        conformance_t5,
         lambda: peftkit.PrefixTuningConfig(
             num_virtual_tokens=3, encoder_prefix=True, task_type="SEQ_2_SEQ_LM"
         ),
@@ -386,7 +367,7 @@ CASES += [
     Case(
         "prefix-bart-encoder_prefix",
         "PREFIX_TUNING",
-        tiny_bart,
+        conformance_bart,
         lambda: peftkit.PrefixTuningConfig(
             num_virtual_tokens=3, encoder_prefix=True, task_type="SEQ_2_SEQ_LM"
         ),
@@ -395,7 +376,7 @@ CASES += [
     Case(
         "prefix-bart-encoder_prefix-projection",
         "PREFIX_TUNING",
-        tiny_bart,
+        conformance_bart,
         lambda: peftkit.PrefixTuningConfig(
             num_virtual_tokens=3,
             encoder_prefix=True,

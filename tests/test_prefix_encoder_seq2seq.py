@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_prompt_seq2seq import BUILDERS, LAYERS, VOCAB, _inputs, _perturb, tiny_t5
-from tiny_models import build_model
+from test_prompt_seq2seq import BUILDERS, LAYERS, VOCAB, _inputs, _perturb
+from tiny_models import build_model, tiny_t5
 from transformers import (
     MBartConfig,
     MBartForConditionalGeneration,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import build_model
+from tiny_models import build_model, tiny_bart, tiny_t5
 from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
 import peftkit
@@ -23,45 +23,6 @@ peft = pytest.importorskip("peft")
 P = 3
 LAYERS = 3  # odd: HF PEFT's seq2seq prefix regrouping then gives every decoder layer its own rows
 VOCAB = 60
-
-
-def tiny_t5(seed: int = 0, eos: int | None = 1, lively: bool = False) -> T5ForConditionalGeneration:
-    torch.manual_seed(seed)
-    config = T5Config(
-        d_model=16,
-        d_ff=32,
-        d_kv=8,
-        num_layers=LAYERS,
-        num_heads=2,
-        vocab_size=VOCAB,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=eos,
-        dropout_rate=0.0,
-        initializer_factor=3.0 if lively else 1.0,
-    )
-    return T5ForConditionalGeneration(config).eval()
-
-
-def tiny_bart(seed: int = 0, eos: int | None = 2, lively: bool = False) -> BartForConditionalGeneration:
-    torch.manual_seed(seed)
-    config = BartConfig(
-        d_model=16,
-        encoder_layers=LAYERS,
-        decoder_layers=LAYERS,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        eos_token_id=eos,
-        forced_eos_token_id=None,
-        dropout=0.0,
-        attention_dropout=0.0,
-        init_std=0.2 if lively else 0.02,
-    )
-    return BartForConditionalGeneration(config).eval()
 
 
 BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {"t5": tiny_t5, "bart": tiny_bart}

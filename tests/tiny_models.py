@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 VOCAB_SIZE = 100
@@ -63,6 +67,52 @@ BUILDERS = {
     "gpt2": tiny_gpt2,
     "bert_seq_cls": tiny_bert_seq_cls,
 }
+
+
+def tiny_t5(
+    seed: int = 0, eos: int | None = 1, lively: bool = False, layers: int = 3, vocab: int = 60
+) -> T5ForConditionalGeneration:
+    """A T5 of d_model 16, 2 heads of 8; ``lively`` scales the initialisation up so that small prompt
+    changes move the greedy tokens."""
+    torch.manual_seed(seed)
+    config = T5Config(
+        d_model=16,
+        d_ff=32,
+        d_kv=8,
+        num_layers=layers,
+        num_heads=2,
+        vocab_size=vocab,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=eos,
+        dropout_rate=0.0,
+        initializer_factor=3.0 if lively else 1.0,
+    )
+    return T5ForConditionalGeneration(config).eval()
+
+
+def tiny_bart(
+    seed: int = 0, eos: int | None = 2, lively: bool = False, layers: int = 3, vocab: int = 60
+) -> BartForConditionalGeneration:
+    """A BART of d_model 16, 2 heads of 8 (see :func:`tiny_t5` for ``lively``)."""
+    torch.manual_seed(seed)
+    config = BartConfig(
+        d_model=16,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+        eos_token_id=eos,
+        forced_eos_token_id=None,
+        dropout=0.0,
+        attention_dropout=0.0,
+        init_std=0.2 if lively else 0.02,
+    )
+    return BartForConditionalGeneration(config).eval()
 
 
 def build_model(kind: str, seed: int = 0) -> torch.nn.Module:
