@@ -11,6 +11,8 @@ NF4 with double quantization and a float32 compute dtype, or 8-bit), exactly as 
   its, with bit-identical logits on the same quantized base;
 * ``prepare_model_for_kbit_training`` and its deprecated alias; ``peftkit train ... model.load_in_4bit``.
 
+bitsandbytes' other 4-bit layout (repacked for AVX512-BF16 CPUs) is covered in test_qlora_layouts.py.
+
 Skipped where bitsandbytes cannot run.
 """
 
@@ -43,6 +45,15 @@ from peftkit import IA3Config, LoraConfig, PeftModel, get_peft_model  # noqa: E4
 from peftkit.layer import AdapterLayer  # noqa: E402
 
 IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def standard_4bit_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same numbers on every host: bitsandbytes' AVX512-BF16 CPU repacking (a bfloat16 kernel) stays
+    off in the models built here, several of which run without adapters as the reference. The repacked
+    layout is tested on every host in test_qlora_layouts.py; the command-line test below runs in its own
+    process and gets whatever the host does."""
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: False)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,13 @@ from torch import nn
 
 from peftkit.config import PeftConfig
 from peftkit.layer import AdapterLayer, ModulesToSaveWrapper
-from peftkit.quantization import dequantized_linear, forget_quantization, is_quantized_module
+from peftkit.quantization import (
+    dequantized_linear,
+    forget_quantization,
+    is_quantized_module,
+    pause_cpu_repacking,
+    resume_cpu_repacking,
+)
 from peftkit.targeting import find_target_names, name_matches
 
 SAVED_PREFIX = "base_model.model."  # on-disk names of adapter tensors start with this (HF PEFT's layout)
@@ -98,10 +104,13 @@ class BaseTuner(nn.Module):
         self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
         for param in self.model.parameters():
             param.requires_grad_(False)
+        # 4-bit layers stay in bitsandbytes' standard layout while adapters are on (peftkit.quantization)
+        self._repacking_paused = pause_cpu_repacking(model)
         try:
             self.inject_adapter(adapter_name)
         except BaseException:
             self._restore_requires_grad()
+            resume_cpu_repacking(self._repacking_paused)
             raise
 
     def _restore_requires_grad(self) -> None:
@@ -114,6 +123,11 @@ class BaseTuner(nn.Module):
         for name in list(self.peft_config):
             self._remove_adapter_modules(name)
         self._restore_requires_grad()
+        self._resume_cpu_repacking()
+
+    def _resume_cpu_repacking(self) -> None:
+        resume_cpu_repacking(self._repacking_paused)
+        self._repacking_paused = []
 
     # ------------------------------------------------------------------------------ method hooks
     def create_or_update_layer(
@@ -612,6 +626,7 @@ class BaseTuner(nn.Module):
             active = wrapper.active_adapter
             kept = wrapper.modules_to_save[active] if active is not None else wrapper.original_module
             setattr(parent, child_name, kept)
+        self._resume_cpu_repacking()
         return self.model
 
     # ---------------------------------------------------------------------------- mixed batches
