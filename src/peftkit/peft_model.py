@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
-from collections.abc import Iterator, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 from torch import nn
@@ -28,6 +30,88 @@ from peftkit.registry import get_method
 from peftkit.targeting import name_matches
 from peftkit.tuner import BaseTuner, count_parameters
 
+_P = inspect.Parameter
+
+
+class TaskForward:
+    """``PeftModel.forward`` with named arguments, as tools read them.
+
+    Training tools decide from ``inspect.signature(model.forward)`` what to feed the model: transformers'
+    ``Trainer`` keeps only the dataset columns named there and looks for ``labels`` in the class's
+    signature (``eval_loss``, ``label_names``). A bare ``forward(*args, **kwargs)`` names nothing. So the
+    class's ``forward`` names HF PEFT's arguments for its task (``names``), and on an instance it names those
+    plus every argument of the base model's own forward (``token_type_ids`` for BERT, ``pixel_values`` for
+    a vision model...) and ``adapter_names``. Calls pass the arguments through; a named argument left at
+    ``None`` is not passed (the base model's own default applies).
+    """
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+        self.function = self._implementation(names)
+        self.function.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [_P("self", _P.POSITIONAL_OR_KEYWORD)]
+            + [_P(n, _P.POSITIONAL_OR_KEYWORD, default=None) for n in names]
+            + [_P("adapter_names", _P.KEYWORD_ONLY, default=None), _P("kwargs", _P.VAR_KEYWORD)]
+        )
+        self._per_base: dict[Any, Callable[..., Any]] = {}  # base forward -> function with its signature
+
+    @staticmethod
+    def _implementation(names: tuple[str, ...]) -> Callable[..., Any]:
+        def forward(self: PeftModel, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any):
+            if not names:  # the generic wrapper: everything goes to the base model as given
+                with self.base_model.batch_adapter_names(adapter_names):
+                    return self.base_model(*args, **kwargs)
+            if len(args) > len(names):
+                raise TypeError(
+                    f"forward takes at most {len(names)} positional arguments ({', '.join(names)})."
+                )
+            for name, value in zip(names, args):
+                if name in kwargs:
+                    raise TypeError(f"forward got two values for argument {name!r}.")
+                kwargs[name] = value
+            kwargs = {k: v for k, v in kwargs.items() if v is not None or k not in names}
+            with self.base_model.batch_adapter_names(adapter_names):
+                return self.base_model(**kwargs)
+
+        return forward
+
+    def __get__(self, obj: PeftModel | None, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self.function
+        base_forward = getattr(obj.get_base_model(), "forward", None)
+        key = getattr(base_forward, "__func__", base_forward)
+        function = self._per_base.get(key)
+        if function is None:
+            function = self._per_base[key] = self._with_base_arguments(base_forward)
+        return types.MethodType(function, obj)
+
+    def _with_base_arguments(self, base_forward: Any) -> Callable[..., Any]:
+        own = list(inspect.signature(self.function).parameters.values())
+        try:
+            base = inspect.signature(base_forward).parameters.values()
+        except (TypeError, ValueError):
+            base = []
+        taken = {p.name for p in own}
+        # after the task's own names the base's arguments are keyword-only; with no own names (the generic
+        # wrapper) they keep their kinds, since positional arguments go to the base model as given
+        extra = [
+            p.replace(kind=_P.KEYWORD_ONLY) if self.names or p.kind == _P.KEYWORD_ONLY else p
+            for p in base
+            if p.name not in taken and p.kind not in (_P.VAR_POSITIONAL, _P.VAR_KEYWORD)
+        ]
+        function = types.FunctionType(
+            self.function.__code__,
+            self.function.__globals__,
+            self.function.__name__,
+            self.function.__defaults__,
+            self.function.__closure__,
+        )
+        function.__kwdefaults__ = self.function.__kwdefaults__
+        function.__qualname__ = self.function.__qualname__
+        function.__doc__ = self.function.__doc__
+        function.__signature__ = inspect.Signature(own[:-2] + extra + own[-2:])  # type: ignore[attr-defined]
+        return function
+
 
 class PeftModel(nn.Module):
     """A base model with one or more named adapters.
@@ -40,6 +124,8 @@ class PeftModel(nn.Module):
 
     #: modules trained in full and saved by default for this task (the classification head).
     default_modules_to_save: ClassVar[tuple[str, ...]] = ()
+    #: transformers' "adapters are attached" flag: its Trainer refuses to train a quantized model without it
+    _hf_peft_config_loaded: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any):
         super().__init__()
@@ -85,11 +171,9 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
-    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """The base model's forward; ``adapter_names`` (one per row, ``"__base__"`` for none) runs each
-        row of the batch through its own adapter."""
-        with self.base_model.batch_adapter_names(adapter_names):
-            return self.base_model(*args, **kwargs)
+    #: The base model's forward; ``adapter_names`` (one per row, ``"__base__"`` for none) runs each row of
+    #: the batch through its own adapter. Its signature names the base model's arguments (TaskForward).
+    forward = TaskForward()
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         with self.base_model.batch_adapter_names(adapter_names):
@@ -309,28 +393,53 @@ class PeftModel(nn.Module):
             raise
 
 
+# HF PEFT's named forward arguments per task (the same names, in the same order)
+_OUTPUTS = ("output_attentions", "output_hidden_states", "return_dict", "task_ids")
+
+
 class PeftModelForCausalLM(PeftModel):
-    pass
+    forward = TaskForward("input_ids", "attention_mask", "inputs_embeds", "labels", *_OUTPUTS)
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
-    pass
+    forward = TaskForward(
+        "input_ids",
+        "attention_mask",
+        "inputs_embeds",
+        "decoder_input_ids",
+        "decoder_attention_mask",
+        "decoder_inputs_embeds",
+        "labels",
+        *_OUTPUTS,
+    )
 
 
 class PeftModelForSequenceClassification(PeftModel):
     default_modules_to_save = ("classifier", "score")
+    forward = TaskForward("input_ids", "attention_mask", "inputs_embeds", "labels", *_OUTPUTS)
 
 
 class PeftModelForTokenClassification(PeftModel):
     default_modules_to_save = ("classifier", "score")
+    forward = TaskForward("input_ids", "attention_mask", "inputs_embeds", "labels", *_OUTPUTS)
 
 
 class PeftModelForQuestionAnswering(PeftModel):
     default_modules_to_save = ("qa_outputs",)
+    forward = TaskForward(
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+        "position_ids",
+        "inputs_embeds",
+        "start_positions",
+        "end_positions",
+        *_OUTPUTS,
+    )
 
 
 class PeftModelForFeatureExtraction(PeftModel):
-    pass
+    forward = TaskForward("input_ids", "attention_mask", "inputs_embeds", *_OUTPUTS)
 
 
 TASK_TO_PEFT_MODEL: dict[str, type[PeftModel]] = {

@@ -447,10 +447,11 @@ class Linear(LoraLayer):
     def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         """The active adapter when the fused kernel (:mod:`peftkit.methods.lora_ops`) computes this forward
         exactly: one LoRA or DoRA adapter (DoRA without active dropout), unmerged, on a plain full-precision
-        ``Linear`` / ``Conv1D`` without hooks, all tensors of one dtype. Anything else takes the generic
-        path."""
+        ``Linear`` / ``Conv1D`` without hooks, all tensors of one dtype, autocast off. Anything else takes
+        the generic path (under autocast: each matmul in the autocast dtype, as HF PEFT computes it)."""
         if (
-            len(self.active_adapters) != 1
+            torch.is_autocast_enabled(x.device.type)
+            or len(self.active_adapters) != 1
             or not self._plain_delta
             or self.disable_adapters
             or self.merged_adapters

@@ -110,7 +110,10 @@ class PromptEncoder(nn.Module):
     def forward(self) -> torch.Tensor:
         embeds = self.embedding.weight.unsqueeze(0)  # (1, P, d)
         if self.encoder_type == PromptEncoderReparameterizationType.LSTM:
-            embeds = self.lstm_head(embeds)[0]  # (1, P, 2h)
+            # The LSTM runs in its own dtype with autocast off: CPU autocast has no bf16/fp16 LSTM kernel
+            # (HF PEFT fails there), and this few-row encoder costs nothing in float32.
+            with torch.autocast(embeds.device.type, enabled=False):
+                embeds = self.lstm_head(embeds)[0]  # (1, P, 2h)
         return self.mlp_head(embeds)[0]  # (P, d)
 
 
