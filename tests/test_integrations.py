@@ -277,6 +277,27 @@ def test_trl_sft_trainer_trains_a_peftkit_model_as_it_trains_hf_peft(tmp_path: P
     assert type(ours_run.model).forward is type(ours).forward
 
 
+def test_trl_sft_trainer_without_hf_peft_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRL's trainer module as it is on a machine without ``peft``: no peft names imported."""
+    trl = pytest.importorskip("trl")
+    import accelerate.utils
+    from trl.trainer import sft_trainer
+
+    from peftkit.integrations import SFTTrainer
+
+    for name in ("peft", "PeftConfig", "PeftModel", "PrefixTuningConfig", "get_peft_model", "BaseTunerLayer"):
+        monkeypatch.delattr(sft_trainer, name, raising=False)
+    monkeypatch.setattr(sft_trainer, "is_peft_available", lambda: False)
+    monkeypatch.setattr(sft_trainer, "is_peft_model", lambda model: False)
+    assert accelerate.utils.is_peft_model is not None and trl
+    tokenizer, ours, _ = _tokenizer_and_pair(tmp_path)
+    before = adapter_state(ours)
+    _sft_run(SFTTrainer, ours, tokenizer, tmp_path / "ours")
+    after = adapter_state(ours)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert not hasattr(sft_trainer, "BaseTunerLayer")  # the stand-in is gone again
+
+
 def test_trl_dpo_trainer_uses_the_adapter_as_its_own_reference_as_with_hf_peft(tmp_path: Path) -> None:
     """No reference model is passed: TRL keeps a frozen copy of the starting adapter ("ref") beside the
     trained one, on the same base, for a peftkit model as for an HF PEFT one."""

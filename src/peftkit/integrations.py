@@ -150,15 +150,29 @@ class Trainer(PeftkitTrainerMixin, transformers.Trainer):
 # ------------------------------------------------------------------------------------------------- TRL
 # TRL asks ``accelerate.utils.is_peft_model`` (imported by name into its trainer modules) whether a model is
 # a PEFT model. While one of the classes below runs, that name also answers yes for a peftkit model.
+# Without HF PEFT installed, TRL's modules lack the peft classes they test a PEFT model against; stand-ins
+# that nothing is an instance of take their place meanwhile.
+class _NoPeftClass:
+    pass
+
+
+_PEFT_CLASSES_TRL_TESTS = ("BaseTunerLayer", "LoraConfig")
+
+
 @contextlib.contextmanager
 def _seen_as_peft(module_name: str) -> Iterator[None]:
     module = importlib.import_module(module_name)
     original = module.is_peft_model
+    missing = [name for name in _PEFT_CLASSES_TRL_TESTS if not hasattr(module, name)]
     module.is_peft_model = lambda model: is_peftkit_model(model) or original(model)
+    for name in missing:
+        setattr(module, name, _NoPeftClass)
     try:
         yield
     finally:
         module.is_peft_model = original
+        for name in missing:
+            delattr(module, name)
 
 
 def _trl_trainer(name: str, module_name: str, methods: tuple[str, ...]) -> type:
