@@ -131,14 +131,14 @@ def test_peer_column_runs_the_same_grid_point_with_hf_peft_and_gets_the_same_num
     the same initialisation), and the counts must be equal."""
     pytest.importorskip("peft")
     spec = write_spec(tmp_path, tokenizer_dir, peer=PEER, threads=1)
-    runs = expand(load_spec(spec))
+    runs = expand(load_spec(spec, allow_code=True))
     # bitfit has no HF PEFT counterpart: no peer run for it
     assert sorted(r.run_id for r in runs) == [
         "bitfit-fp32-seed0",
         "lora-fp32-seed0",
         "lora-hf_peft-fp32-seed0",
     ]
-    assert main(["bench", spec, "--only", "lora"]) == 0
+    assert main(["bench", spec, "--only", "lora", "--allow-code"]) == 0
     rows = {
         r["library"]: r
         for r in map(json.loads, (tmp_path / "bench" / "results.jsonl").read_text().splitlines())
@@ -157,11 +157,11 @@ def test_peer_column_runs_the_same_grid_point_with_hf_peft_and_gets_the_same_num
 
 def test_peer_runner_and_threads_are_checked_when_the_spec_is_read(tmp_path, tokenizer_dir):
     with pytest.raises(RunConfigError, match="does not exist"):
-        load_spec(write_spec(tmp_path, tokenizer_dir, peer=str(tmp_path / "missing.py")))
+        load_spec(write_spec(tmp_path, tokenizer_dir, peer=str(tmp_path / "missing.py")), allow_code=True)
     incomplete = tmp_path / "peer.py"
     incomplete.write_text("NAME = 'other'\ndef available():\n    return True\n")
     with pytest.raises(RunConfigError, match="does not define supports, wrap, load, version"):
-        load_spec(write_spec(tmp_path, tokenizer_dir, peer=str(incomplete)))
+        load_spec(write_spec(tmp_path, tokenizer_dir, peer=str(incomplete)), allow_code=True)
     with pytest.raises(RunConfigError, match="threads must be a positive integer"):
         load_spec(write_spec(tmp_path, tokenizer_dir, threads=0))
     with pytest.raises(RunConfigError, match="contains '-'"):

