@@ -102,8 +102,16 @@ def set_peft_model_state_dict(
         for k, p in targets.items()
         if tuple(state_dict[k].shape) != tuple(p.shape)
     ]
-    if missing or unexpected or mismatched:
+    # a float parameter takes only float values: an int / bool / complex tensor is a damaged or foreign file
+    wrong_dtype = [
+        f"{k}: {state_dict[k].dtype}"
+        for k, p in targets.items()
+        if p.is_floating_point() and not state_dict[k].is_floating_point()
+    ]
+    if missing or unexpected or mismatched or wrong_dtype:
         parts = [f"The checkpoint does not fit adapter {adapter_name!r} of this model."]
+        if wrong_dtype:
+            parts.append("Tensors that are not floating point: " + "; ".join(wrong_dtype[:10]))
         if mismatched:
             parts.append(
                 "Shape mismatches (was the adapter made for another base model?): "

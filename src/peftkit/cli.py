@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # bad input, a missing file, a full disk: one line, exit 2
         print(f"peftkit {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

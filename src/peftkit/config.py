@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import os
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from peftkit.io_utils import atomic_write_text
+from peftkit.typecheck import describe, fits
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -62,6 +65,15 @@ class TaskType(str, enum.Enum):
         return self.value
 
 
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """A config class's resolved field annotations (``{}`` if they cannot be resolved: nothing checked)."""
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        return {}
+
+
 def _to_json_value(value: Any) -> Any:
     """Turn config values into plain JSON: enums to strings, sets and tuples to sorted/plain lists."""
     if isinstance(value, enum.Enum):
@@ -98,6 +110,7 @@ class PeftConfig:
     foreign_defaults: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
+        self._check_field_types()
         if self.task_type is not None:
             try:
                 self.task_type = TaskType(str(self.task_type))
@@ -107,6 +120,20 @@ class PeftConfig:
                     f"Unknown task_type {self.task_type!r}; use one of: {allowed} (or None)."
                 ) from None
         self.validate()
+
+    def _check_field_types(self) -> None:
+        """Every field against its annotation (an ``adapter_config.json`` is untrusted input: ``r: "8"``,
+        ``fan_in_fan_out: "no"`` or a NaN ``lora_alpha`` must not be misread); floats must be finite."""
+        hints = _field_types(type(self))
+        for f in dataclasses.fields(self):
+            if not f.init or f.name not in hints:
+                continue
+            value = getattr(self, f.name)
+            if not fits(value, hints[f.name])[0]:
+                raise ValueError(
+                    f"{type(self).__name__}: {f.name}={value!r} has the wrong type; expected "
+                    f"{describe(hints[f.name])}."
+                )
 
     # ----------------------------------------------------------------------------------------- API
     def validate(self) -> None:

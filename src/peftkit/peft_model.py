@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import shutil
+import tempfile
 import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
@@ -253,15 +255,41 @@ class PeftModel(nn.Module):
             raise ValueError(f"Unknown adapters {unknown}; this model has {list(self.peft_config)}.")
         # Every process gathers (sharded parameters are assembled collectively); only the main one writes.
         tensors_by_name = {name: get_peft_model_state_dict(self, name) for name in names}
+        empty = [name for name in names if not tensors_by_name[name]]
+        if empty:
+            raise ValueError(
+                f"Adapter {empty[0]!r} has no tensors in this model (were the adapters merged and unloaded, "
+                f"or deleted?); saving it would write an empty adapter. Nothing was written."
+            )
         if not is_main_process:
             return
-        for name in names:
-            folder = save_directory if name == "default" else os.path.join(save_directory, name)
-            config = self.peft_config[name]
-            tensors = tensors_by_name[name]
-            tensors.update(self._embedding_base_weights(name, save_embedding_layers))
-            save_adapter_weights(tensors, folder, safe_serialization)
-            config.save_pretrained(folder, **self._saved_config_fields(name))
+        # All or nothing: every adapter is written into a temporary folder first, then moved into place.
+        os.makedirs(save_directory, exist_ok=True)
+        staged: list[tuple[str, str]] = []
+        created: list[str] = []  # sub-folders made here (a name the file system refuses fails here)
+        try:
+            for name in names:
+                folder = save_directory if name == "default" else os.path.join(save_directory, name)
+                if not os.path.isdir(folder):
+                    os.makedirs(folder)
+                    created.append(folder)
+                tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=save_directory)
+                staged.append((tmp, folder))
+                tensors = tensors_by_name[name]
+                tensors.update(self._embedding_base_weights(name, save_embedding_layers))
+                save_adapter_weights(tensors, tmp, safe_serialization)
+                self.peft_config[name].save_pretrained(tmp, **self._saved_config_fields(name))
+        except BaseException:
+            for tmp, _ in staged:
+                shutil.rmtree(tmp, ignore_errors=True)
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+            raise
+        for tmp, folder in staged:
+            for file in os.listdir(tmp):
+                os.replace(os.path.join(tmp, file), os.path.join(folder, file))
+            os.rmdir(tmp)
 
     def _embedding_base_weights(self, adapter_name: str, save_embedding_layers: bool | str) -> dict[str, Any]:
         if save_embedding_layers == "auto":

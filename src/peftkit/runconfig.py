@@ -16,14 +16,14 @@ the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import os
-import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
+
+from peftkit.typecheck import describe, fits
 
 
 class RunConfigError(ValueError):
@@ -279,99 +279,10 @@ def build_method_config(config: RunConfig) -> Any:
 def check_value(value: Any, annotation: Any, key: str) -> Any:
     """Return ``value`` if it fits ``annotation`` (numbers written as strings such as ``"2e-4"``, which
     YAML 1.1 reads as text, are converted for float fields); raise naming the key otherwise."""
-    ok, converted = _fits(value, annotation)
+    ok, converted = fits(value, annotation, text_numbers=True)
     if not ok:
-        raise RunConfigError(f"{key} = {value!r} has the wrong type; expected {_describe(annotation)}.")
+        raise RunConfigError(f"{key} = {value!r} has the wrong type; expected {describe(annotation)}.")
     return converted
-
-
-def _fits(value: Any, annotation: Any) -> tuple[bool, Any]:
-    if annotation is Any or annotation is object:
-        return True, value
-    origin = get_origin(annotation)
-    args = get_args(annotation)
-    if origin in (Union, types.UnionType):
-        for arg in args:
-            ok, converted = _fits(value, arg)
-            if ok:
-                return True, converted
-        return False, value
-    if origin is Literal:
-        for allowed in args:
-            if value == allowed or (
-                isinstance(value, str) and isinstance(allowed, str) and value.lower() == allowed.lower()
-            ):
-                return True, allowed
-        return False, value
-    if annotation is type(None):
-        return value is None, value
-    if annotation is bool:
-        return isinstance(value, bool), value
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if annotation is str:
-        return isinstance(value, str), value
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        try:
-            return True, annotation(value)
-        except ValueError:
-            return False, value
-    if origin in (list, tuple, set) or annotation in (list, tuple, set):
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        if not args:
-            return True, list(value)
-        item_type = args[0]
-        out = []
-        for item in value:
-            ok, converted = _fits(item, item_type)
-            if not ok:
-                return False, value
-            out.append(converted)
-        return True, out
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            return False, value
-        if len(args) != 2:
-            return True, value
-        out_dict = {}
-        for k, v in value.items():
-            ok_k, ck = _fits(k, args[0])
-            ok_v, cv = _fits(v, args[1])
-            if not (ok_k and ok_v):
-                return False, value
-            out_dict[ck] = cv
-        return True, out_dict
-    if isinstance(annotation, type):
-        return isinstance(value, annotation), value
-    return True, value  # an annotation we cannot check (e.g. a forward reference): let the config validate
-
-
-def _describe(annotation: Any) -> str:
-    origin = get_origin(annotation)
-    args = get_args(annotation)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if annotation is type(None):
-        return "null"
-    if origin in (list, tuple, set):
-        return f"a list of {_describe(args[0])}" if args else "a list"
-    if origin is dict:
-        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}" if len(args) == 2 else "a mapping"
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return "one of " + ", ".join(repr(m.value) for m in annotation)
-    return getattr(annotation, "__name__", str(annotation))
 
 
 # -------------------------------------------------------------------------------------- consistency
@@ -420,6 +331,32 @@ def _check_consistency(config: RunConfig) -> None:
         raise RunConfigError(f"train.epochs must be positive (or set train.max_steps), got {train.epochs}.")
     if train.lr <= 0:
         raise RunConfigError(f"train.lr must be positive, got {train.lr}.")
+    # every optimiser and schedule setting is checked here, before output_dir is touched
+    ranges = {
+        "weight_decay": (train.weight_decay, train.weight_decay >= 0, "at least 0"),
+        "adam_beta1": (train.adam_beta1, 0 <= train.adam_beta1 < 1, "in [0, 1)"),
+        "adam_beta2": (train.adam_beta2, 0 <= train.adam_beta2 < 1, "in [0, 1)"),
+        "adam_epsilon": (train.adam_epsilon, train.adam_epsilon > 0, "positive"),
+        "warmup_steps": (train.warmup_steps, train.warmup_steps >= 0, "at least 0"),
+        "seed": (train.seed, 0 <= train.seed < 2**32, "in [0, 2^32)"),
+    }
+    if train.max_grad_norm is not None:
+        ranges["max_grad_norm"] = (
+            train.max_grad_norm,
+            train.max_grad_norm > 0,
+            "positive (or null: no clipping)",
+        )
+    if train.save_total_limit is not None:
+        ranges["save_total_limit"] = (
+            train.save_total_limit,
+            train.save_total_limit >= 1,
+            "at least 1 (or null)",
+        )
+    for key, (value, ok, need) in ranges.items():
+        if not ok:
+            raise RunConfigError(f"train.{key} must be {need}, got {value}.")
+    if model.num_labels is not None and model.num_labels < 1:
+        raise RunConfigError(f"model.num_labels must be at least 1, got {model.num_labels}.")
     if not 0.0 <= train.warmup_ratio < 1.0:
         raise RunConfigError(f"train.warmup_ratio must be in [0, 1), got {train.warmup_ratio}.")
     if data.task_names is not None:

@@ -486,9 +486,11 @@ def save_checkpoint(
     group: ProcessGroup,
     fsdp: bool,
     save_total_limit: int | None,
+    replaces: Sequence[str] = (),
 ) -> str:
     """Write ``checkpoint-<step>`` atomically: everything goes to a temporary folder that is renamed into
-    place only when complete. Every process takes part (sharded tensors are gathered); rank 0 writes."""
+    place only when complete. Every process takes part (sharded tensors are gathered); rank 0 writes.
+    ``replaces``: an earlier run's checkpoint folders, removed once this one is in place."""
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
     tmp = os.path.join(output_dir, f".tmp-{CHECKPOINT_PREFIX}{step}")
     optimizer_state = _optimizer_state(optimizer, fsdp)
@@ -516,6 +518,9 @@ def save_checkpoint(
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
+        for old in replaces:
+            if os.path.abspath(old) != os.path.abspath(final):
+                shutil.rmtree(old, ignore_errors=True)
         if save_total_limit is not None:
             for _, old in list_checkpoints(output_dir)[:-save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -625,11 +630,61 @@ def train(
 ) -> dict[str, Any]:
     """Run ``config``; returns the summary (also written to ``output_dir/summary.json``). ``wrap``: see
     :func:`build_peft_model`."""
-    from tqdm.auto import tqdm
 
     started = time.perf_counter()
     resume = config.train.resume if resume is None else resume
     group = setup_processes(config.train.device)
+    with output_dir_lock(config.output_dir) if group.is_main else contextlib.nullcontext():
+        return _train(config, resume, wrap, group, started)
+
+
+LOCK_FILE = ".peftkit.lock"
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``output_dir`` for a run: a second run into the same folder fails at
+    once (two runs would mix their files). The lock dies with the process, so a killed run leaves no stale
+    lock. Leftover temporary files of a killed run are removed here. A folder this run created and left
+    empty (it failed before writing anything) is removed again."""
+    import fcntl
+
+    created = not os.path.exists(output_dir)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise RunConfigError(f"output_dir {output_dir} is a file, not a folder.")
+    os.makedirs(output_dir, exist_ok=True)
+    lock_path = os.path.join(output_dir, LOCK_FILE)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunConfigError(
+            f"output_dir {output_dir} is in use by another peftkit run; wait for it to end or pick another "
+            f"output_dir."
+        ) from None
+    try:
+        for name in os.listdir(output_dir):  # a killed run's half-written files (never a finished one)
+            path = os.path.join(output_dir, name)
+            if name.startswith(f".tmp-{CHECKPOINT_PREFIX}") or name.endswith(".tmp"):
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        yield
+    finally:
+        if created and os.listdir(output_dir) == [LOCK_FILE]:
+            os.remove(lock_path)
+            os.rmdir(output_dir)
+        os.close(fd)
+
+
+def _train(
+    config: RunConfig,
+    resume: bool,
+    wrap: Callable[[nn.Module, Any], nn.Module] | None,
+    group: Any,
+    started: float,
+) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     fsdp = config.train.fsdp
     output_dir = config.output_dir
     say = print if group.is_main else (lambda *a, **k: None)
@@ -646,13 +701,14 @@ def train(
     schedule = Schedule.of(config, len(task.train_examples), group.world_size)
 
     checkpoints = list_checkpoints(output_dir) if resume else []
-    if not resume and group.is_main and list_checkpoints(output_dir):
+    # an earlier run's checkpoints stay until this run has written one of its own (a run that fails
+    # early destroys nothing)
+    stale = [] if resume else [path for _, path in list_checkpoints(output_dir)]
+    if stale:
         say(
-            f"note: {output_dir} holds checkpoints of an earlier run; they are replaced (pass --resume to continue)."
+            f"note: {output_dir} holds checkpoints of an earlier run; they are replaced once this run writes "
+            f"its first checkpoint (pass --resume to continue instead)."
         )
-        for _, old in list_checkpoints(output_dir):
-            shutil.rmtree(old)
-    group.barrier()
     trainer_state: dict[str, Any] = {"global_step": 0, "history": []}
     training_state: dict[str, Any] | None = None
     if checkpoints:
@@ -769,7 +825,9 @@ def train(
                 group,
                 fsdp,
                 config.train.save_total_limit,
+                replaces=stale,
             )
+            stale = []
             if group.is_main:
                 write_jsonl(os.path.join(output_dir, LOG_FILE), history)
         if kill_after == str(done):

@@ -373,6 +373,13 @@ class BaseTuner(nn.Module):
             raise ValueError(
                 f"Unknown adapter(s) {unknown or names}; this model has {list(self.peft_config)}."
             )
+        merged = [layer for _, layer in self.adapter_layers() if layer.merged]
+        if merged and set(names) != set(self.active_adapters):
+            # as HF PEFT: a merged adapter would keep acting under the new one, so it is unmerged first
+            warnings.warn(
+                "Adapters are merged; unmerging them before switching the active adapter.", stacklevel=2
+            )
+            self.unmerge_adapter()
         with self.module_walk_cached():
             for _, wrapper in self.save_wrappers():
                 wrapper.set_adapter(names)  # may raise before anything changes elsewhere
@@ -533,6 +540,16 @@ class BaseTuner(nn.Module):
             )
             for _, layer in self.adapter_layers()
         ]
+        if safe_merge:  # a modules_to_save copy is part of what a merged model computes
+            for path, wrapper in self.save_wrappers():
+                for name in self.active_adapters if adapter_names is None else adapter_names:
+                    copy_ = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else None  # noqa: SIM401 (ModuleDict)
+                    if copy_ is not None and not all(torch.isfinite(p).all() for p in copy_.parameters()):
+                        raise ValueError(
+                            f"Merging adapter {name!r} would put NaN or inf into the model ({path} holds "
+                            f"non-finite values); the adapter is broken (check its training). Nothing was "
+                            f"merged."
+                        )
         try:
             for layer, _, _, _ in before:
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)

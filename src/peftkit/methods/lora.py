@@ -842,6 +842,14 @@ class LoraModel(BaseTuner):
             raise ValueError(f"An adapter named {adapter_name!r} already exists; pick a new name.")
         if len(adapters) != len(weights) or not adapters:
             raise ValueError("Give one weight per adapter (and at least one adapter).")
+        if not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+        ):
+            raise ValueError(f"Adapter weights must be finite numbers, got {list(weights)}.")
+        if svd_rank is not None and (
+            isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1
+        ):
+            raise ValueError(f"svd_rank must be a positive integer (or None), got {svd_rank!r}.")
         configs = []
         for name in adapters:
             if name not in self.peft_config:
