@@ -110,7 +110,6 @@ class PeftConfig:
     foreign_defaults: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
-        self._check_field_types()
         if self.task_type is not None:
             try:
                 self.task_type = TaskType(str(self.task_type))
@@ -119,7 +118,8 @@ class PeftConfig:
                 raise ValueError(
                     f"Unknown task_type {self.task_type!r}; use one of: {allowed} (or None)."
                 ) from None
-        self.validate()
+        self.validate()  # the method's own, more specific messages first
+        self._check_field_types()
 
     def _check_field_types(self) -> None:
         """Every field against its annotation (an ``adapter_config.json`` is untrusted input: ``r: "8"``,
