@@ -33,10 +33,10 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from cli_fixtures import PYTHON, build_tokenizer, cli_env, tiny_bert_config, write_config  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from tiny_models import llama_for_4bit  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     BitsAndBytesConfig,
-    LlamaConfig,
     LlamaForCausalLM,
 )
 
@@ -59,17 +59,7 @@ def standard_4bit_layout(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    llama_for_4bit().save_pretrained(folder)
     return folder
 
 

@@ -29,7 +29,8 @@ from bitsandbytes.functional import (  # noqa: E402
     dequantize_blockwise,
     has_avx512bf16,
 )
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tiny_models import llama_for_4bit  # noqa: E402
+from transformers import BitsAndBytesConfig, LlamaForCausalLM  # noqa: E402
 
 from peftkit import (  # noqa: E402
     IA3Config,
@@ -66,17 +67,7 @@ def no_automatic_repacking(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama-layouts")
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    llama_for_4bit().save_pretrained(folder)
     return folder
 
 

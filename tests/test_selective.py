@@ -15,13 +15,11 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny_bert_seq_cls, tiny_gpt2, tiny_llama
+from tiny_models import llama_for_4bit, tiny_bert_seq_cls, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers import (
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     T5Config,
@@ -494,17 +492,7 @@ def test_freeze_delete_keeps_the_trained_values_and_freezes_them() -> None:
 def test_bitfit_from_pretrained_onto_a_wrong_base_changes_nothing(tmp_path: Path) -> None:
     model = get_peft_model(tiny_llama(), BitFitConfig(bias_groups=["mlp"], add_missing_biases=True))
     model.save_pretrained(tmp_path)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    other = LlamaForCausalLM(config).eval()
+    other = llama_for_4bit().eval()  # a wider llama than tiny_llama()
     before = state(other)
     with pytest.raises(ValueError, match="Shape mismatches"):
         PeftModel.from_pretrained(other, tmp_path)

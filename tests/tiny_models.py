@@ -26,6 +26,22 @@ from transformers import (
 VOCAB_SIZE = 100
 
 
+def llama_for_4bit(seed: int = 0) -> LlamaForCausalLM:
+    """A tiny llama wide enough for bitsandbytes' 4-bit blocks (every in-features a multiple of 64, every
+    out-features a multiple of 32)."""
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     config = LlamaConfig(
         hidden_size=32,
