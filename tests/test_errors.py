@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from model_state import assert_unchanged, snapshot
 from safetensors.torch import load_file
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -88,54 +89,6 @@ def save_adapter(folder: Path, hidden_size: int = 32, seed: int = 1, **changes: 
 def logits(model: nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=INPUT_IDS).logits
-
-
-# ------------------------------------------------------------------------------- "nothing changed"
-def snapshot(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Everything about a model that a failed call must leave alone."""
-    return {
-        "types": {name: type(module) for name, module in model.named_modules()},
-        "training": {name: module.training for name, module in model.named_modules()},
-        "params": {name: p.detach().clone() for name, p in model.named_parameters()},
-        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
-        "buffers": {name: b.detach().clone() for name, b in model.named_buffers()},
-    }
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-for-bit equal (NaN equals NaN), same shape and dtype."""
-    return (
-        a.shape == b.shape
-        and a.dtype == b.dtype
-        and bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
-    )
-
-
-def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return float("inf")
-    return (a.double().nan_to_num() - b.double().nan_to_num()).abs().max().item()
-
-
-def assert_unchanged(model: nn.Module, before: dict[str, dict[str, Any]]) -> None:
-    after = snapshot(model)
-    added = sorted(set(after["types"]) - set(before["types"]))
-    removed = sorted(set(before["types"]) - set(after["types"]))
-    assert not added and not removed, f"modules added {added[:5]}, removed {removed[:5]}"
-    retyped = [n for n, t in before["types"].items() if after["types"][n] is not t]
-    assert not retyped, f"module types changed: {retyped[:5]}"
-    assert after["training"] == before["training"], "train/eval mode changed"
-    assert after["params"].keys() == before["params"].keys(), "the set of parameters changed"
-    flipped = [n for n, g in before["requires_grad"].items() if after["requires_grad"][n] != g]
-    assert not flipped, f"requires_grad changed: {flipped[:5]}"
-    for kind in ("params", "buffers"):
-        assert after[kind].keys() == before[kind].keys(), f"the set of {kind} changed"
-        changed = {
-            name: _max_abs_diff(t, after[kind][name])
-            for name, t in before[kind].items()
-            if not _same_tensor(t, after[kind][name])
-        }
-        assert not changed, f"{kind} changed (name: max |difference|): {changed}"
 
 
 def assert_plain_model(model: nn.Module) -> None:

@@ -167,7 +167,7 @@ def test_gradient_accumulation_and_batch_split_give_the_same_update(tmp_path, to
 def test_sigkill_and_resume_reproduce_an_uninterrupted_run_bitwise(tmp_path, tokenizer_dir):
     def config_for(name: str) -> str:
         config = classification_config(
-            tmp_path / name, tokenizer_dir, save_every=2, max_steps=6, save_total_limit=None
+            tmp_path / name, tokenizer_dir, save_every=2, max_steps=6, save_total_limit=None, log_every=3
         )
         config["method"]["lora_dropout"] = 0.2  # exercises the saved RNG state
         config["data"]["max_eval_samples"] = 8

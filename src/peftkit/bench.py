@@ -60,7 +60,7 @@ from typing import Any
 import yaml
 
 from peftkit.io_utils import atomic_write, atomic_write_text
-from peftkit.runconfig import RunConfigError, build_method_config, build_run_config
+from peftkit.runconfig import RunConfigError, build_method_config, build_run_config, load_yaml_config
 
 PRECISIONS: dict[str, dict[str, Any]] = {
     "fp32": {"model": {"dtype": "float32"}},
@@ -129,11 +129,7 @@ def load_spec(path: str, only: list[str] | None = None, allow_code: bool = False
     the peer runs) only with ``allow_code`` (``peftkit bench --allow-code``), never on a spec's word alone."""
     if not os.path.isfile(path):
         raise RunConfigError(f"bench spec {path} does not exist.")
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise RunConfigError(f"{path} is not valid YAML: {err}") from None
+    raw = load_yaml_config(path) or {}
     if not isinstance(raw, dict):
         raise RunConfigError(f"{path} must hold a mapping with keys {', '.join(SPEC_KEYS)}.")
     unknown = [k for k in raw if k not in SPEC_KEYS]

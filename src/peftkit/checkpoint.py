@@ -9,13 +9,16 @@ names the keys, raised before anything is copied. Pickled ``adapter_model.bin`` 
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from peftkit.io_utils import atomic_write
 
@@ -181,3 +184,64 @@ def load_adapter_weights(folder: str, **hub_kwargs: Any) -> dict[str, torch.Tens
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{bin_path} does not hold a dict of tensors.")
     return state
+
+
+# ------------------------------------------------------------------ adapters no larger than their file
+#: Elements an adapter may create beyond twice what its weight file holds (buffers and helpers a method
+#: builds but does not save, such as a prompt encoder or a rank mask).
+ALLOCATION_SLACK = 32 * 1024 * 1024
+
+_SIZED_FACTORIES = {"empty", "empty_strided", "zeros", "ones", "full", "rand", "randn", "randint", "randperm"}
+_NEW_FACTORIES = {"new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full"}
+
+
+def _requested_elements(name: str, args: tuple[Any, ...]) -> int:
+    """How many elements a factory call is about to allocate (0 for any other operation)."""
+    if name in _SIZED_FACTORIES and args:
+        size = args[0]
+    elif name in _NEW_FACTORIES and len(args) > 1:
+        size = args[1]
+    elif name == "eye" and args:
+        return int(args[0]) * int(args[1] if len(args) > 1 and isinstance(args[1], int) else args[0])
+    else:
+        return 0
+    if isinstance(size, int):
+        return size
+    try:
+        return math.prod(int(d) for d in size)
+    except TypeError:  # symbolic sizes: not an adapter being built
+        return 0
+
+
+class AdapterTooLargeError(ValueError):
+    """An adapter config asks for far more memory than its saved weights could fill."""
+
+
+class _AllocationBudget(TorchDispatchMode):
+    def __init__(self, budget: int, source: str) -> None:
+        super().__init__()
+        self.budget, self.used, self.source = budget, 0, source
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        wanted = _requested_elements(func.overloadpacket.__name__, args)
+        if wanted:
+            self.used += wanted
+            if self.used > self.budget:
+                raise AdapterTooLargeError(
+                    f"the adapter config of {self.source} asks for more than {self.budget:,} parameter "
+                    f"elements but its weight file holds far fewer; the config does not belong to these "
+                    f"weights (a wrong or tampered r / size field). Nothing was loaded."
+                )
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def sized_by(weights: Mapping[str, torch.Tensor], source: str) -> Iterator[None]:
+    """Building an adapter inside this context may allocate at most about twice the elements that its
+    saved ``weights`` hold: a config read from an untrusted folder (``r: 100000000``) is refused with
+    :class:`AdapterTooLargeError` before the memory is taken, not after the machine runs out of it."""
+    held = sum(t.numel() for t in weights.values())
+    with _AllocationBudget(2 * held + ALLOCATION_SLACK, source):
+        yield

@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from peftkit.io_utils import atomic_write_text
+from peftkit.io_utils import atomic_write_text, read_config_text
 from peftkit.typecheck import describe, fits
 
 CONFIG_NAME = "adapter_config.json"
@@ -118,7 +118,12 @@ class PeftConfig:
                 raise ValueError(
                     f"Unknown task_type {self.task_type!r}; use one of: {allowed} (or None)."
                 ) from None
-        self.validate()  # the method's own, more specific messages first
+        try:
+            self.validate()  # the method's own, more specific messages first
+        except (TypeError, AttributeError, KeyError, IndexError):
+            # a field of the wrong type tripped the method's checks: name the field instead
+            self._check_field_types()
+            raise
         self._check_field_types()
 
     def _check_field_types(self) -> None:
@@ -215,10 +220,11 @@ class PeftConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> PeftConfig:
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); is the adapter folder damaged?") from None
+            data = json.loads(read_config_text(path))
+        except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"{path} is not valid JSON ({str(err)[:200]}); is the adapter folder damaged?"
+            ) from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}.")
         return cls.from_dict(data)

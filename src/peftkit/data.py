@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +49,8 @@ def read_rows(path: str, columns: Sequence[str] | None = None) -> list[Row]:
     try:
         if ext in (".csv", ".tsv", ".txt"):
             delimiter = "," if ext == ".csv" else "\t"
-            with open(path, newline="", encoding="utf-8") as f:
+            # utf-8-sig: a byte-order mark (as Excel writes) is not part of the first column's name
+            with open(path, newline="", encoding="utf-8-sig") as f:
                 if columns:
                     reader = csv.reader(
                         f,
@@ -67,19 +70,34 @@ def read_rows(path: str, columns: Sequence[str] | None = None) -> list[Row]:
                 quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
                 return [dict(r) for r in csv.DictReader(f, delimiter=delimiter, quoting=quoting)]
         if ext == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
+            with open(path, encoding="utf-8-sig") as f:
+                return _objects(
+                    path, [json.loads(line) for line in f if line.strip()], "row {i} of the JSONL file"
+                )
         if ext == ".json":
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 loaded = json.load(f)
             if isinstance(loaded, dict) and isinstance(loaded.get("data"), list):
                 loaded = loaded["data"]
             if not isinstance(loaded, list):
-                raise RunConfigError(f"{path}: a JSON data file must hold a list of objects.")
-            return loaded
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as err:
-        raise RunConfigError(f"{path} could not be read ({err}).") from None
+                raise RunConfigError(
+                    f'{path}: a JSON data file must hold a list of objects (or {{"data": [...]}}), '
+                    f"found {type(loaded).__name__}."
+                )
+            return _objects(path, loaded, "row {i} of the JSON list")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error, RecursionError) as err:
+        raise RunConfigError(f"{path} could not be read ({str(err)[:200]}).") from None
     raise RunConfigError(f"{path}: unknown data file type {ext!r}; use .csv, .tsv, .json or .jsonl.")
+
+
+def _objects(path: str, rows: list[Any], where: str) -> list[Row]:
+    """``rows`` if every one is an object (a row with named columns), else one clear error."""
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise RunConfigError(
+                f"{path}: {where.format(i=i)} is a {type(row).__name__}, not an object with named columns."
+            )
+    return rows
 
 
 def load_splits(data: DataSection, seed: int) -> tuple[list[Row], list[Row]]:
@@ -139,29 +157,78 @@ class LabelSpace:
     def num_labels(self) -> int:
         return len(self.names) if self.names is not None else 1
 
+    def describe(self) -> str:
+        """One line for the run's output: which id is which class, and which class F1 is about."""
+        if self.names is None:
+            return ""
+        shown = ", ".join(f"{i} = {name!r}" for i, name in enumerate(self.names[:10]))
+        more = f", ... ({len(self.names)} classes)" if len(self.names) > 10 else ""
+        f1 = (
+            f"f1 is of class {self.names[1]!r} (id 1)"
+            if len(self.names) == 2
+            else f"f1 is the macro average over {len(self.names)} classes"
+        )
+        return f"labels: {shown}{more}; {f1}"
+
+
+_INTEGER = re.compile(r"[+-]?\d+(\.0*)?")
+_CANONICAL_INTEGER = re.compile(r"-?\d{1,4000}")
+
+
+def label_key(value: Any) -> str:
+    """The canonical spelling of a class label: surrounding spaces dropped, and an integer however it is
+    written (``1``, ``1.0``, ``+1``, a JSON number) spelled as its digits, so that ``1`` and ``1.0`` are one
+    class. Anything else is its text."""
+    text = str(value).strip()
+    if isinstance(value, bool):
+        return text
+    if _INTEGER.fullmatch(text):
+        try:
+            return str(int(text.split(".")[0]))
+        except ValueError:  # more digits than Python converts: keep the text
+            return text
+    return text
+
+
+def _row_label(row: Row, column: str, split: str, i: int) -> str:
+    value = row[column]
+    key = "" if value is None else label_key(value)
+    if not key:
+        raise RunConfigError(f"{split} row {i}: the label ({column!r}) is empty.")
+    return key
+
 
 def label_space(data: DataSection, rows: Sequence[Row]) -> LabelSpace:
-    if data.format == "regression":
-        return LabelSpace(None)
+    """The classes of a classification run: ``data.labels`` when given, otherwise the labels of the
+    training ``rows`` (never of the validation data, which must only use them). Integer labels ``0..K-1``
+    keep their ids; any other set of labels is numbered in sorted order (numbers by value)."""
     if data.format != "classification":
         return LabelSpace(None)
     if data.labels is not None:
-        return LabelSpace([str(n) for n in data.labels])
+        names = [label_key(n) for n in data.labels]
+        if len(set(names)) != len(names) or "" in names:
+            raise RunConfigError(f"data.labels must name distinct, non-empty classes, got {data.labels}.")
+        return LabelSpace(names)
     _require_column(rows, data.label_column, "data.label_column")
-    values = {str(r[data.label_column]).strip() for r in rows}
-    if all(v.lstrip("-").isdigit() for v in values):
-        ints = sorted(int(v) for v in values)
-        if ints and ints[0] == 0:  # integer labels 0..K-1 keep their ids
-            return LabelSpace([str(i) for i in range(ints[-1] + 1)])
-        return LabelSpace([str(i) for i in ints])
+    values = {_row_label(r, data.label_column, "train", i) for i, r in enumerate(rows)}
+    if len(values) < 2:
+        raise RunConfigError(
+            f"the training data has {len(values)} label value(s) ({', '.join(sorted(values))}); "
+            "classification needs two or more: list the classes in data.labels."
+        )
+    if all(_CANONICAL_INTEGER.fullmatch(v) for v in values):
+        return LabelSpace(sorted(values, key=int))
     return LabelSpace(sorted(values))
 
 
 def _require_column(rows: Sequence[Row], column: str, key: str) -> None:
-    if rows and column not in rows[0]:
+    missing = next((i for i, row in enumerate(rows) if column not in row), None)
+    if missing == 0:
         raise RunConfigError(
             f"{key} {column!r} is not a column of the data; columns: {', '.join(map(str, rows[0]))}."
         )
+    if missing is not None:
+        raise RunConfigError(f"row {missing} of the data has no {column!r} ({key}).")
 
 
 def build_examples(
@@ -261,18 +328,23 @@ def _classification_examples(
     index = {name: i for i, name in enumerate(labels.names or [])}
     examples = []
     for i, row in enumerate(rows):
-        raw = str(row[data.label_column]).strip()
+        raw = _row_label(row, data.label_column, split, i)
         if labels.names is None:
             try:
                 label: float | int = float(raw)
             except ValueError:
+                label = math.nan
+            if not math.isfinite(label):
                 raise RunConfigError(
-                    f"{split} row {i}: label {raw!r} is not a number (data.format regression)."
-                ) from None
+                    f"{split} row {i}: label {raw!r} is not a finite number (data.format regression)."
+                )
         else:
             if raw not in index:
+                where = "data.labels" if data.labels is not None else "the training data's labels"
                 raise RunConfigError(
-                    f"{split} row {i}: label {raw!r} is not one of the labels {labels.names} (set data.labels)."
+                    f"{split} row {i}: label {raw!r} is not one of {where} {labels.names[:20]}"
+                    + ("" if data.labels is not None else "; list every class in data.labels")
+                    + "."
                 )
             label = index[raw]
         examples.append(

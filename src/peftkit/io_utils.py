@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash mid-write never leaves a half-written checkpoint behind."""
+"""Atomic file writes (a crash mid-write never leaves a half-written checkpoint behind) and bounded reads
+of small untrusted files (configs), which can neither exhaust memory nor expand without end."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Callable
+from typing import Any
+
+#: Largest config file (adapter_config.json, a run config, a bench spec) read; real ones hold kilobytes.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+#: Most values (after YAML aliases are expanded) a config may hold.
+MAX_CONFIG_NODES = 1_000_000
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -34,3 +41,31 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def read_config_text(path: str | os.PathLike) -> str:
+    """The text of a config file of at most :data:`MAX_CONFIG_BYTES` (``ValueError`` if larger)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read(MAX_CONFIG_BYTES + 1)
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_CONFIG_BYTES // 2**20} MB; it is not a config file.")
+    return text
+
+
+def check_config_size(value: Any, source: str) -> None:
+    """Refuse a parsed config whose values, counted as a reader that walks it sees them (YAML aliases
+    expanded), exceed :data:`MAX_CONFIG_NODES`: an alias bomb, or a structure that refers to itself."""
+    seen, stack = 0, [value]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_NODES:
+            raise ValueError(
+                f"{source} expands to more than {MAX_CONFIG_NODES:,} values (nested YAML aliases or a "
+                f"structure that contains itself); it is not a config."
+            )
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple, set)):
+            stack.extend(node)

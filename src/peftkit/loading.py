@@ -100,9 +100,10 @@ def load_base_model(
     problem_type: str | None = None,
     seed: int = 0,
     tokenizer: Any = None,
+    label_names: list[str] | None = None,
 ) -> nn.Module:
     """The transformers model for ``section.task_type`` (weights from the path, or random from
-    ``from_config`` with ``seed``)."""
+    ``from_config`` with ``seed``); ``label_names`` (one per class) become the config's ``id2label``."""
     import transformers
 
     auto_cls = getattr(transformers, TASK_AUTO_CLASS[section.task_type])
@@ -112,6 +113,9 @@ def load_base_model(
             num_labels = section.num_labels
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
+            if label_names is not None and len(label_names) == num_labels:
+                kwargs["id2label"] = dict(enumerate(label_names))
+                kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
         if problem_type is not None:
             kwargs["problem_type"] = problem_type
     if section.from_config is not None:

@@ -24,6 +24,7 @@ from peftkit.checkpoint import (
     load_adapter_weights,
     save_adapter_weights,
     set_peft_model_state_dict,
+    sized_by,
     validate_adapter_name,
 )
 from peftkit.config import CONFIG_NAME, PeftConfig, TaskType
@@ -375,9 +376,11 @@ class PeftModel(nn.Module):
             return peft_model
         if cls is PeftModel:
             cls = TASK_TO_PEFT_MODEL.get(str(config.task_type), PeftModel)  # type: ignore[assignment]
-        peft_model = cls(model, config, adapter_name)
+        weights = load_adapter_weights(folder)  # read (and check) the file before touching the model
+        with sized_by(weights, folder):
+            peft_model = cls(model, config, adapter_name)
         try:
-            set_peft_model_state_dict(peft_model, load_adapter_weights(folder), adapter_name)
+            set_peft_model_state_dict(peft_model, weights, adapter_name)
         except BaseException:
             peft_model.base_model.remove_all_adapters()
             raise
@@ -391,6 +394,14 @@ class PeftModel(nn.Module):
         """Load a saved adapter under ``adapter_name`` (not activated). An adapter that builds on others (an
         AdapterFusion) first loads those the model lacks, from where ``save_pretrained`` wrote them beside it.
         Nothing changes on error."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name.")
+        validate_adapter_name(
+            adapter_name,
+            self.get_base_model(),
+            existing=self.peft_config,
+            reserved=self.base_model.reserved_names(),
+        )
         model_id = os.fspath(model_id)
         subfolder = kwargs.pop("subfolder", None)
         folder = os.path.join(model_id, subfolder) if subfolder else model_id
@@ -413,7 +424,8 @@ class PeftModel(nn.Module):
     def _add_saved_adapter(
         self, folder: str, adapter_name: str, config: PeftConfig, weights: dict[str, Any]
     ) -> None:
-        self.add_adapter(adapter_name, config)
+        with sized_by(weights, folder):
+            self.add_adapter(adapter_name, config)
         try:
             set_peft_model_state_dict(self, weights, adapter_name)
         except BaseException:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
+from peftkit.io_utils import check_config_size, read_config_text
 from peftkit.typecheck import describe, fits
 
 
@@ -160,11 +161,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | tuple
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise RunConfigError(f"config file {path} does not exist.")
-        try:
-            with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise RunConfigError(f"{path} is not valid YAML: {err}") from None
+        loaded = load_yaml_config(path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -180,6 +177,20 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | tuple
     return config
 
 
+def load_yaml_config(path: str) -> Any:
+    """A YAML config file, parsed safely (plain data only) and bounded: at most
+    :data:`~peftkit.io_utils.MAX_CONFIG_BYTES` of text and :data:`~peftkit.io_utils.MAX_CONFIG_NODES`
+    values once aliases are expanded, so that an alias bomb is refused instead of spinning."""
+    try:
+        loaded = yaml.safe_load(read_config_text(path))
+        check_config_size(loaded, path)
+    except (yaml.YAMLError, RecursionError) as err:
+        raise RunConfigError(f"{path} is not valid YAML: {str(err)[:300]}") from None
+    except (ValueError, OSError) as err:
+        raise RunConfigError(str(err)) from None
+    return loaded
+
+
 def apply_override(raw: dict[str, Any], item: str) -> None:
     """Set a dotted key in the raw mapping; the value is parsed as YAML (``16``, ``2e-4``, ``[q, v]``)."""
     if "=" not in item:
@@ -190,8 +201,11 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         raise RunConfigError(f"override {item!r} has an empty key part.")
     try:
         value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as err:
+        check_config_size(value, f"override {item!r}")
+    except (yaml.YAMLError, RecursionError) as err:
         raise RunConfigError(f"override {item!r}: the value is not valid YAML ({err}).") from None
+    except ValueError as err:
+        raise RunConfigError(str(err)) from None
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})

@@ -4,7 +4,8 @@ The rules are HF PEFT's, so one ``adapter_config.json`` selects the same modules
 
 * ``target_modules`` as a **list**: a module matches when its full name equals an entry or ends with
   ``"." + entry`` (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``);
-* as a **string**: a regular expression that must match the full name (``re.fullmatch``);
+* as a **string**: a regular expression that must match the full name (``re.fullmatch``; a pattern is given at most
+  :data:`REGEX_TIMEOUT_S` per name, so a pathological one from an untrusted config cannot hang);
 * ``"all-linear"``: every ``nn.Linear`` / GPT-2 ``Conv1D`` except the output head (``lm_head``) and, for
   sequence classification, the classifier;
 * ``exclude_modules`` (same list / regex forms) removes matches;
@@ -16,10 +17,11 @@ The rules are HF PEFT's, so one ``adapter_config.json`` selects the same modules
 from __future__ import annotations
 
 import difflib
-import re
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import regex
 from torch import nn
 
 ALL_LINEAR = "all-linear"
@@ -58,6 +60,33 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
+#: Longest a user's pattern may take on one module name. Patterns come from adapter configs (untrusted
+#: files from a hub), and some regexes backtrack for ever (``(a+)+$``); a sane pattern takes microseconds.
+REGEX_TIMEOUT_S = 0.5
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(pattern: str) -> Any:
+    try:
+        return regex.compile(pattern)
+    except (regex.error, ValueError, OverflowError) as err:
+        raise ValueError(f"{pattern!r} is not a valid regular expression ({err}).") from None
+
+
+def pattern_match(pattern: str, text: str, how: str = "fullmatch") -> Any:
+    """``re.<how>(pattern, text)`` (``how`` is ``fullmatch``, ``match`` or ``search``) for a pattern from
+    a config, bounded in time: a pattern that takes longer than :data:`REGEX_TIMEOUT_S` on a name raises
+    ``ValueError`` instead of hanging the process."""
+    compiled = _compile(pattern)
+    try:
+        return getattr(compiled, how)(text, timeout=REGEX_TIMEOUT_S)
+    except TimeoutError:
+        raise ValueError(
+            f"the regular expression {pattern!r} took more than {REGEX_TIMEOUT_S} s on the module name "
+            f"{text!r} (catastrophic backtracking); simplify it or list the module names."
+        ) from None
+
+
 def _is_linear(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
@@ -71,12 +100,12 @@ def _layer_index_ok(key: str, layers_to_transform: int | Sequence[int] | None, l
         return True
     # lazy ".*?": the first index in the name is the block (T5 nests "block.1.layer.0")
     if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(\d+)\.", key)
+        match = pattern_match(r".*?\.[^.]*\.(\d+)\.", key, "match")
     else:
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
         match = None
         for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", key)
+            match = pattern_match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", key, "match")
             if match is not None:
                 break
     if match is None:
@@ -90,7 +119,7 @@ def _layer_index_ok(key: str, layers_to_transform: int | Sequence[int] | None, l
 def name_matches(key: str, patterns: str | Iterable[str]) -> bool:
     """HF PEFT's rule: a string is a full-match regex; a list matches exactly or as a dotted suffix."""
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, key) is not None
+        return pattern_match(patterns, key) is not None
     patterns = list(patterns)
     return key in patterns or any(key.endswith(f".{p}") for p in patterns)
 
@@ -168,7 +197,7 @@ def find_target_names(model: nn.Module, config: Any, modules_to_save: Sequence[s
             continue
         if exclude and name_matches(name, exclude):
             continue
-        if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save):
+        if any(pattern_match(rf"(^|.*\.){m}($|\..*)", name, "match") for m in modules_to_save):
             continue
         uses_layer_filter = not isinstance(targets, str) and name not in targets
         if uses_layer_filter and not _layer_index_ok(name, layers_to_transform, layers_pattern):
@@ -203,6 +232,6 @@ def per_module_value(key: str, pattern: dict[str, Any], default: Any) -> Any:
     """``rank_pattern`` / ``alpha_pattern`` lookup: the first pattern (a regex searched as a dotted
     suffix of ``key``, as HF PEFT does) that matches gives the value, else ``default``."""
     for pat, value in pattern.items():
-        if re.match(rf"(.*\.)?({pat})$", key):
+        if pattern_match(rf"(.*\.)?({pat})$", key, "match"):
             return value
     return default

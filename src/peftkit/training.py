@@ -123,7 +123,12 @@ class Task:
 
 def prepare_task(config: RunConfig, tokenizer: Any) -> Task:
     train_rows, eval_rows = load_splits(config.data, config.train.seed)
-    labels = label_space(config.data, train_rows + eval_rows)
+    labels = label_space(config.data, train_rows)
+    wanted = config.model.num_labels
+    if labels.names is not None and wanted is not None and wanted < labels.num_labels:
+        raise RunConfigError(
+            f"model.num_labels is {wanted} but the data has {labels.num_labels} classes {labels.names[:20]}."
+        )
     task_type = config.model.task_type
     train_examples = build_examples(train_rows, config.data, tokenizer, labels, task_type, "train")
     eval_examples = build_examples(eval_rows, config.data, tokenizer, labels, task_type, "validation")
@@ -266,6 +271,7 @@ def build_peft_model(
         problem_type=problem_type,
         seed=config.train.seed,
         tokenizer=tokenizer,
+        label_names=task.labels.names,
     )
     if is_quantized_model(base):  # QLoRA / 8-bit: freeze, upcast half-precision norms and head to fp32
         prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
@@ -746,6 +752,8 @@ def _train(
     say(
         f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
     )
+    if task.labels.names is not None:
+        say(task.labels.describe())
 
     start_step = trainer_state["global_step"]
     metrics_before: dict[str, float] = trainer_state.get("metrics_before", {})
@@ -765,7 +773,11 @@ def _train(
         file=sys.stderr,
     )
     model.train()
-    logged_loss, logged_units, logged_tokens, logged_seconds = 0.0, 0, 0, 0.0
+    # the open logging window (steps since the last train record) travels in checkpoints, so a resumed
+    # run logs the same window losses as an uninterrupted one
+    window = trainer_state.get("log_window", {})
+    logged_loss, logged_units = float(window.get("loss", 0.0)), int(window.get("units", 0))
+    logged_tokens, logged_seconds = int(window.get("tokens", 0)), float(window.get("seconds", 0.0))
     last_metrics: dict[str, float] = {}
     kill_after = os.environ.get(KILL_AFTER_STEP_ENV)
     step_seconds: list[float] = []  # this process's steps (after a resume: the resumed part)
@@ -814,6 +826,12 @@ def _train(
         if done % save_every == 0 or done == schedule.total_steps:
             trainer_state["global_step"] = done
             trainer_state["history"] = history
+            trainer_state["log_window"] = {
+                "loss": logged_loss,
+                "units": logged_units,
+                "tokens": logged_tokens,
+                "seconds": logged_seconds,
+            }
             save_checkpoint(
                 output_dir,
                 done,

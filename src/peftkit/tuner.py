@@ -367,12 +367,7 @@ class BaseTuner(nn.Module):
     # ---------------------------------------------------------------------- activity & training
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
         """Make ``adapter_names`` the active adapters (outputs of several are summed)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown or not names:
-            raise ValueError(
-                f"Unknown adapter(s) {unknown or names}; this model has {list(self.peft_config)}."
-            )
+        names = self.known_adapter_names(adapter_names)
         merged = [layer for _, layer in self.adapter_layers() if layer.merged]
         if merged and set(names) != set(self.active_adapters):
             # as HF PEFT: a merged adapter would keep acting under the new one, so it is unmerged first
@@ -387,6 +382,23 @@ class BaseTuner(nn.Module):
                 layer.set_adapter(names)
             self.active_adapters = names
             self._update_requires_grad()
+
+    def known_adapter_names(self, adapter_names: Any) -> list[str]:
+        """``adapter_names`` (a name, or a non-empty list of names) as a list, each one an adapter of this
+        model; ``ValueError`` names what is wrong otherwise."""
+        if isinstance(adapter_names, str):
+            names = [adapter_names]
+        elif isinstance(adapter_names, (list, tuple)) and adapter_names:
+            names = list(adapter_names)
+        else:
+            raise ValueError(
+                f"Give an adapter name or a non-empty list of names, got {adapter_names!r}; this model has "
+                f"{list(self.peft_config)}."
+            )
+        unknown = [n for n in names if not isinstance(n, str) or n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) {unknown}; this model has {list(self.peft_config)}.")
+        return names
 
     def _update_requires_grad(self) -> None:
         with self.module_walk_cached():
@@ -528,6 +540,8 @@ class BaseTuner(nn.Module):
     # ---------------------------------------------------------------------------------- merging
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights; with ``safe_merge`` a NaN/inf result changes nothing."""
+        if adapter_names is not None:
+            adapter_names = self.known_adapter_names(adapter_names)
         # Merging replaces each base weight (and bias) tensor (out of place), so keeping the old tensors
         # makes the rollback exact (no (W + Δ) - Δ rounding) and free.
         # A quantized base gets a new weight parameter object, so the objects are kept too.

@@ -27,7 +27,6 @@ the linear (and LayerNorm) layers of the chosen groups: the output is unchanged 
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from torch import nn
 
 from peftkit.config import PeftConfig, PeftType
 from peftkit.registry import register_method
+from peftkit.targeting import pattern_match
 from peftkit.tuner import BaseParameterSelection, BaseTuner
 
 BIAS_GROUPS = ("attention_qkv", "attention_output", "mlp", "layernorm")
@@ -181,7 +181,9 @@ def group_members(
             if patterns is None:
                 group = _fallback_group(name)
             else:
-                group = next((g for g, p in patterns.items() if re.search(rf"(^|\.)({p})$", name)), None)
+                group = next(
+                    (g for g, p in patterns.items() if pattern_match(rf"(^|\.)({p})$", name, "search")), None
+                )
             if group is not None:
                 members[group].append((name, module))
     return members

@@ -22,7 +22,6 @@ limits applies to them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +30,7 @@ from torch import nn
 
 from peftkit.config import PeftConfig, PeftType
 from peftkit.registry import register_method
-from peftkit.targeting import name_matches
+from peftkit.targeting import name_matches, pattern_match
 from peftkit.tuner import BaseParameterSelection, BaseTuner
 
 LayerSpec = int | list[int] | list[str] | str
@@ -87,8 +86,8 @@ class FreezeConfig(PeftConfig):
                 raise ValueError(f"trainable_layers={spec} has a negative block index; count from 0.")
         if isinstance(spec, str):
             try:
-                re.compile(spec)
-            except re.error as err:
+                pattern_match(spec, "")
+            except ValueError as err:
                 raise ValueError(f"trainable_layers={spec!r} is not a valid regex ({err}).") from None
         if self.layers_pattern and not _counts_blocks(spec):
             raise ValueError(

@@ -23,7 +23,6 @@ tables below). Supported layers: ``nn.Linear``, GPT-2's ``Conv1D`` (``fan_in_fan
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from torch import nn
 from peftkit.config import PeftConfig, PeftType
 from peftkit.layer import AdapterLayer, linear_fan_in_fan_out
 from peftkit.registry import register_method
+from peftkit.targeting import pattern_match
 from peftkit.tuner import BaseTuner
 
 # HF PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING
@@ -166,7 +166,7 @@ def is_feedforward_module(module_name: str, feedforward_modules: list[str] | str
     """HF PEFT's rule: a regex must match the full name; a list entry matches as a plain suffix (so
     ``"output.dense"`` marks both ``attention.output.dense`` and the feed-forward ``output.dense``)."""
     if isinstance(feedforward_modules, str):
-        return re.fullmatch(feedforward_modules, module_name) is not None
+        return pattern_match(feedforward_modules, module_name) is not None
     return any(module_name.endswith(m) for m in feedforward_modules)
 
 

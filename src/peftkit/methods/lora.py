@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftkit.checkpoint import validate_adapter_name
 from peftkit.config import PeftConfig, PeftType
 from peftkit.layer import AdapterLayer, linear_fan_in_fan_out
 from peftkit.merge import combine_cat, combine_linear, combine_svd
@@ -840,6 +841,8 @@ class LoraModel(BaseTuner):
         """
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} already exists; pick a new name.")
+        validate_adapter_name(adapter_name, self.model, existing=self.peft_config)
+        adapters = self.known_adapter_names(list(adapters) if isinstance(adapters, tuple) else adapters)
         if len(adapters) != len(weights) or not adapters:
             raise ValueError("Give one weight per adapter (and at least one adapter).")
         if not all(
