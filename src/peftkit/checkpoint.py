@@ -186,6 +186,25 @@ def load_adapter_weights(folder: str, **hub_kwargs: Any) -> dict[str, torch.Tens
     return state
 
 
+def copy_saved_parameters(params: Mapping[str, torch.Tensor], path: str, what: str) -> None:
+    """Copy the tensors of the safetensors file ``path`` into ``params`` (same names), all or nothing:
+    ``ValueError`` naming the first mismatched names or shapes (``what`` says what should fit) before
+    anything is copied. Values are cast to each parameter's device and dtype."""
+    from safetensors.torch import load_file
+
+    saved = load_file(path)
+    wrong = sorted(set(saved) ^ set(params)) + [
+        f"{name} {tuple(saved[name].shape)} vs {tuple(p.shape)}"
+        for name, p in params.items()
+        if name in saved and saved[name].shape != p.shape
+    ]
+    if wrong:
+        raise ValueError(f"{path} does not fit {what}: {', '.join(wrong[:5])}.")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name].to(device=param.device, dtype=param.dtype))
+
+
 # ------------------------------------------------------------------ adapters no larger than their file
 #: Elements an adapter may create beyond twice what its weight file holds (buffers and helpers a method
 #: builds but does not save, such as a prompt encoder or a rank mask).

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import transformers
 
-from peftkit.checkpoint import load_adapter_weights, set_peft_model_state_dict
+from peftkit.checkpoint import copy_saved_parameters, load_adapter_weights, set_peft_model_state_dict
 from peftkit.peft_model import PeftModel
 
 TRAINABLE_PARAMETERS_FILE = "trainable_parameters.safetensors"
@@ -121,26 +121,9 @@ def load_adapters_in_place(model: PeftModel, folder: str) -> None:
     for name in model.peft_config:
         sub = folder if name == "default" else os.path.join(folder, name)
         if name == model.active_adapter and os.path.isfile(exact):
-            _load_parameters(model, name, exact)
+            copy_saved_parameters(model.base_model.adapter_parameter_map(name), exact, f"adapter {name!r}")
         elif _holds_adapter(sub):
             set_peft_model_state_dict(model, load_adapter_weights(sub), name)
-
-
-def _load_parameters(model: PeftModel, adapter_name: str, path: str) -> None:
-    from safetensors.torch import load_file
-
-    saved = load_file(path)
-    params = model.base_model.adapter_parameter_map(adapter_name)
-    wrong = sorted(set(saved) ^ set(params)) + [
-        f"{n} {tuple(saved[n].shape)} vs {tuple(p.shape)}"
-        for n, p in params.items()
-        if n in saved and saved[n].shape != p.shape
-    ]
-    if wrong:
-        raise ValueError(f"{path} does not fit adapter {adapter_name!r}: {', '.join(wrong[:5])}.")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(saved[name])
 
 
 class Trainer(PeftkitTrainerMixin, transformers.Trainer):

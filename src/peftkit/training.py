@@ -567,22 +567,12 @@ def _trainable_parameters(peft_model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _load_trainable_parameters(peft_model: nn.Module, path: str) -> None:
     """Copy a checkpoint's :data:`TRAINABLE_PARAMETERS_FILE` back into the adapter, all or nothing."""
-    from safetensors.torch import load_file
+    from peftkit.checkpoint import copy_saved_parameters
 
-    saved = load_file(path)
-    params = _adapter_parameters(peft_model)
-    wrong = sorted(set(saved) ^ set(params)) + [
-        f"{name} {tuple(saved[name].shape)} vs {tuple(p.shape)}"
-        for name, p in params.items()
-        if name in saved and saved[name].shape != p.shape
-    ]
-    if wrong:
-        raise RunConfigError(
-            f"the checkpoint {path} does not fit this run's adapter (was the method changed?): {', '.join(wrong[:5])}."
-        )
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(saved[name].to(device=param.device, dtype=param.dtype))
+    try:
+        copy_saved_parameters(_adapter_parameters(peft_model), path, "this run's adapter")
+    except ValueError as err:
+        raise RunConfigError(f"{err} (was the method changed since the checkpoint?)") from None
 
 
 # ------------------------------------------------------------------------------------ reporting
