@@ -120,8 +120,8 @@ class PeftConfig:
                 ) from None
         try:
             self.validate()  # the method's own, more specific messages first
-        except (TypeError, AttributeError, KeyError, IndexError):
-            # a field of the wrong type tripped the method's checks: name the field instead
+        except (AttributeError, KeyError, IndexError):
+            # a field of the wrong type tripped the method's checks (its own TypeErrors name the field)
             self._check_field_types()
             raise
         self._check_field_types()

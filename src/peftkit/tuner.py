@@ -540,8 +540,16 @@ class BaseTuner(nn.Module):
     # ---------------------------------------------------------------------------------- merging
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights; with ``safe_merge`` a NaN/inf result changes nothing."""
-        if adapter_names is not None:
-            adapter_names = self.known_adapter_names(adapter_names)
+        if adapter_names is not None:  # names of this model's adapters, or of adapters on its layers
+            in_layers = {n for _, layer in self.adapter_layers() for n in layer.adapter_names}
+            unknown = [
+                n for n in adapter_names if not isinstance(n, str) or n not in {*self.peft_config, *in_layers}
+            ]
+            if isinstance(adapter_names, str) or unknown:
+                raise ValueError(
+                    f"Unknown adapter(s) {unknown or adapter_names!r} (give a list of names); this model has "
+                    f"{list(self.peft_config)}."
+                )
         # Merging replaces each base weight (and bias) tensor (out of place), so keeping the old tensors
         # makes the rollback exact (no (W + Δ) - Δ rounding) and free.
         # A quantized base gets a new weight parameter object, so the objects are kept too.
