@@ -51,9 +51,7 @@ from typing import Any
 import torch
 
 from peftkit import AdapterFusionConfig, BottleneckConfig, PeftModel, get_peft_model
-from peftkit.loading import load_base_model, load_tokenizer
-from peftkit.runconfig import build_run_config
-from peftkit.training import (
+from peftkit.train.loop import (
     Schedule,
     Task,
     build_peft_model,
@@ -63,6 +61,8 @@ from peftkit.training import (
     make_scheduler,
     prepare_task,
 )
+from peftkit.train.models import load_base_model, load_tokenizer
+from peftkit.train.runconfig import build_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLUE = os.path.join(ROOT, "..", "shared", "data", "glue")

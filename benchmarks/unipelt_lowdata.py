@@ -33,9 +33,8 @@ from typing import Any
 
 import torch
 
-from peftkit.data import build_examples, label_space, load_splits
-from peftkit.runconfig import build_run_config
-from peftkit.training import (
+from peftkit.train.data import build_examples, label_space, load_splits
+from peftkit.train.loop import (
     Schedule,
     Task,
     build_peft_model,
@@ -44,6 +43,7 @@ from peftkit.training import (
     make_optimizer,
     make_scheduler,
 )
+from peftkit.train.runconfig import build_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SST2 = os.path.join(ROOT, "..", "shared", "data", "glue", "SST-2")
@@ -100,7 +100,7 @@ class Data:
     """SST-2 read and the dev set tokenised once; ``task(k, seed)`` draws K training sentences."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from peftkit.loading import load_tokenizer
+        from peftkit.train.models import load_tokenizer
 
         self.config = run_config("lora", args, 0)
         self.tokenizer = load_tokenizer(self.config.model)

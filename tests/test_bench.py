@@ -12,10 +12,10 @@ import yaml
 from cli_fixtures import build_tokenizer, classification_config
 from transformers import AutoModelForSequenceClassification
 
-from peftkit.bench import deep_merge, expand, load_spec, rebuild_report
-from peftkit.bench_report import write_report
+from peftkit.bench.report import write_report
+from peftkit.bench.runner import deep_merge, expand, load_spec, rebuild_report
 from peftkit.cli import main
-from peftkit.runconfig import RunConfigError
+from peftkit.train.runconfig import RunConfigError
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_a_task_names_its_own_metric(tmp_path, tokenizer_dir):
         )
     )
     assert spec.task_metrics == {"a": "mcc"} and "metric" not in spec.tasks["a"]
-    from peftkit.bench import _choose_metric
+    from peftkit.bench.runner import _choose_metric
 
     row = {"task": "a", "metrics": {"accuracy": 0.5, "mcc": 0.1, "f1": 0.4}}
     _choose_metric(row, spec)

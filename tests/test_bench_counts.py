@@ -51,8 +51,8 @@ from peftkit import (
     UniPELTConfig,
     get_peft_model,
 )
-from peftkit.bench import parameter_counts
-from peftkit.tuner import count_parameters
+from peftkit.bench.runner import parameter_counts
+from peftkit.core.tuner import count_parameters
 
 # ------------------------------------------------------------------------------- the tiny models
 # BERT for sequence classification

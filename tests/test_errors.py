@@ -28,7 +28,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from peftkit import LoraConfig, PeftConfig, PeftModel, get_peft_model
-from peftkit.layer import AdapterLayer
+from peftkit.core.layer import AdapterLayer
 
 INPUT_IDS = torch.tensor([[1, 5, 9, 42, 7, 3]])
 

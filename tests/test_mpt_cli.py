@@ -25,10 +25,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from peftkit import PeftModel
 from peftkit.cli import main
-from peftkit.data import collate
-from peftkit.loading import load_tokenizer
-from peftkit.runconfig import build_run_config
-from peftkit.training import make_batch, prepare_task
+from peftkit.train.data import collate
+from peftkit.train.loop import make_batch, prepare_task
+from peftkit.train.models import load_tokenizer
+from peftkit.train.runconfig import build_run_config
 
 TASK_NAMES = ["zero", "one"]  # task "zero": every text is labelled 0; task "one": the same texts, labelled 1
 

@@ -42,7 +42,7 @@ from transformers import (  # noqa: E402
 
 import peftkit  # noqa: E402
 from peftkit import IA3Config, LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from peftkit.layer import AdapterLayer  # noqa: E402
+from peftkit.core.layer import AdapterLayer  # noqa: E402
 
 IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
 

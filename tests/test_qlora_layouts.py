@@ -39,8 +39,8 @@ from peftkit import (  # noqa: E402
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
-from peftkit.layer import AdapterLayer  # noqa: E402
-from peftkit.quantization import (  # noqa: E402
+from peftkit.core.layer import AdapterLayer  # noqa: E402
+from peftkit.core.quantization import (  # noqa: E402
     dequantize_weight,
     is_cpu_repacked,
     restore_standard_layout,

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from cli_fixtures import PYTHON, build_tokenizer, cli_env, tiny_bert_config, write_config
 
-from peftkit.bench import load_spec
-from peftkit.loading import resolve_model_path
-from peftkit.runconfig import RunConfigError
+from peftkit.bench.runner import load_spec
+from peftkit.train.models import resolve_model_path
+from peftkit.train.runconfig import RunConfigError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -18,7 +18,7 @@ from cli_fixtures import PYTHON, build_tokenizer, classification_config, cli_env
 from tiny_models import build_model
 
 from peftkit import LoraConfig, PeftModel, get_peft_model
-from peftkit.training import LOCK_FILE, output_dir_lock
+from peftkit.train.loop import LOCK_FILE, output_dir_lock
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -29,8 +29,8 @@ from test_conformance import CASES
 from tiny_models import build_model, model_inputs
 
 from peftkit import LoraConfig, PeftModel, get_peft_model
-from peftkit.data import LabelSpace, build_examples, label_key, label_space
-from peftkit.runconfig import DataSection, RunConfigError
+from peftkit.train.data import LabelSpace, build_examples, label_key, label_space
+from peftkit.train.runconfig import DataSection, RunConfigError
 
 NON_FINITE = [math.nan, math.inf, -math.inf]
 

@@ -5,7 +5,7 @@ hostile value, loads it, and checks a clear ``ValueError`` (or exit code 2 with 
 within seconds, with the model and the files unchanged:
 
 * regular expressions that backtrack for ever (``target_modules``, ``exclude_modules``, ``layers_pattern``,
-  ``rank_pattern`` keys) are cut off after :data:`peftkit.targeting.REGEX_TIMEOUT_S`;
+  ``rank_pattern`` keys) are cut off after :data:`peftkit.core.targeting.REGEX_TIMEOUT_S`;
 * a size field far larger than the weight file (``r``, ``rank_pattern``, ``num_virtual_tokens``) is refused
   before the memory is taken;
 * fields of the wrong type are refused by name;
@@ -26,9 +26,9 @@ from model_state import assert_unchanged, snapshot
 from tiny_models import build_model
 
 from peftkit import LoraConfig, PeftConfig, PeftModel, PromptTuningConfig, get_peft_model
-from peftkit.io_utils import MAX_CONFIG_BYTES
-from peftkit.runconfig import RunConfigError, load_run_config
-from peftkit.targeting import REGEX_TIMEOUT_S, pattern_match
+from peftkit.core.io_utils import MAX_CONFIG_BYTES
+from peftkit.core.targeting import REGEX_TIMEOUT_S, pattern_match
+from peftkit.train.runconfig import RunConfigError, load_run_config
 
 # each takes seconds to centuries with Python's `re` on a module name (the `regex` engine peftkit uses
 # gives up on them at once)

@@ -132,8 +132,8 @@ def test_split_seed_fixes_the_validation_draw_across_training_seeds():
     differ in initialisation and order only); without it the split follows the training seed."""
     from pathlib import Path
 
-    from peftkit.data import load_splits
-    from peftkit.runconfig import DataSection
+    from peftkit.train.data import load_splits
+    from peftkit.train.runconfig import DataSection
 
     train = str(Path(__file__).resolve().parent.parent / "examples" / "data" / "sentiment" / "train.csv")
     fixed = DataSection(train=train, validation_split=0.25, split_seed=7)

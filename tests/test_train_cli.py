@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.cli import main
-from peftkit.data import collate, read_rows
+from peftkit.train.data import collate, read_rows
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +310,7 @@ def test_a_bad_config_is_one_clear_line_exit_2_and_nothing_written(
 
 
 def test_the_error_for_an_unknown_method_lists_the_registered_ones(tmp_path, tokenizer_dir, capsys):
-    from peftkit.registry import registered_methods
+    from peftkit.core.registry import registered_methods
 
     path = write_config(tmp_path / "run.yaml", classification_config(tmp_path, tokenizer_dir))
     assert main(["train", path, "method.name=nosuch"]) == 2
@@ -325,7 +325,7 @@ def test_a_console_script_error_exits_2(tmp_path):
 
 # ------------------------------------------------------------------------------ data and config
 def test_overrides_are_parsed_as_yaml_and_typed(tmp_path, tokenizer_dir):
-    from peftkit.runconfig import load_run_config
+    from peftkit.train.runconfig import load_run_config
 
     path = write_config(tmp_path / "run.yaml", classification_config(tmp_path, tokenizer_dir))
     config = load_run_config(
@@ -336,8 +336,8 @@ def test_overrides_are_parsed_as_yaml_and_typed(tmp_path, tokenizer_dir):
 
 
 def test_instruction_examples_train_on_the_response_only(tokenizer_dir):
-    from peftkit.data import alpaca_prompt, build_examples
-    from peftkit.runconfig import DataSection
+    from peftkit.train.data import alpaca_prompt, build_examples
+    from peftkit.train.runconfig import DataSection
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     rows = [{"instruction": "Translate to French", "input": "hello", "output": "bonjour"}]
@@ -364,8 +364,8 @@ def test_instruction_examples_train_on_the_response_only(tokenizer_dir):
 
 
 def test_chat_examples_train_on_assistant_turns_only(tokenizer_dir):
-    from peftkit.data import build_examples
-    from peftkit.runconfig import DataSection
+    from peftkit.train.data import build_examples
+    from peftkit.train.runconfig import DataSection
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     messages = [
@@ -382,8 +382,8 @@ def test_chat_examples_train_on_assistant_turns_only(tokenizer_dir):
 
 
 def test_classification_reads_tsv_without_header_and_named_labels(tmp_path, tokenizer_dir):
-    from peftkit.data import build_examples, label_space, load_splits
-    from peftkit.runconfig import DataSection
+    from peftkit.train.data import build_examples, label_space, load_splits
+    from peftkit.train.runconfig import DataSection
 
     path = tmp_path / "cola.tsv"
     path.write_text("src1\t1\t\tthe film was great\nsrc2\t0\t*\tgreat was film the\n")
@@ -407,7 +407,7 @@ def test_classification_reads_tsv_without_header_and_named_labels(tmp_path, toke
 
 
 def test_metrics_match_their_textbook_definitions():
-    from peftkit.metrics import f1_score, matthews_corrcoef, spearman
+    from peftkit.train.metrics import f1_score, matthews_corrcoef, spearman
 
     predictions = [1, 1, 0, 0, 1, 0, 1, 1]
     labels = [1, 0, 0, 1, 1, 0, 1, 0]
@@ -427,8 +427,8 @@ def test_a_datasets_name_or_folder_is_read_through_the_datasets_library(tmp_path
     """``data.dataset`` goes through ``datasets.load_dataset``: here a local folder with train and
     validation files (a hub name works the same where the hub is reachable)."""
     pytest.importorskip("datasets")
-    from peftkit.data import load_splits
-    from peftkit.runconfig import DataSection, RunConfigError
+    from peftkit.train.data import load_splits
+    from peftkit.train.runconfig import DataSection, RunConfigError
 
     folder = tmp_path / "sentiment"
     folder.mkdir()

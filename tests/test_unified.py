@@ -32,7 +32,7 @@ from peftkit import (
     get_peft_model,
     get_peft_model_state_dict,
 )
-from peftkit.cli import inspect_adapter
+from peftkit.core.inspection import inspect_adapter
 
 # ----------------------------------------------------------------------------------------- helpers
 
@@ -675,7 +675,7 @@ def test_a_component_that_does_not_fit_the_model_rolls_everything_back() -> None
 def test_run_configs_build_combinations(method: dict[str, Any], expected: PeftConfig) -> None:
     """The ``method`` section of ``peftkit train`` / ``peftkit bench`` configs (YAML) reaches the same
     configs as the Python API."""
-    from peftkit.runconfig import RunConfigError, build_method_config, build_run_config
+    from peftkit.train.runconfig import RunConfigError, build_method_config, build_run_config
 
     raw = {
         "model": {"name_or_path": "unused", "task_type": "SEQ_CLS"},

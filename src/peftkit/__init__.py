@@ -4,10 +4,23 @@ from peftkit import LoraConfig, get_peft_model
 model = get_peft_model(base_model, LoraConfig(r=8, target_modules="all-linear"))
 """
 
-from peftkit.checkpoint import get_peft_model_state_dict, set_peft_model_state_dict
-from peftkit.config import PeftConfig, PeftType, TaskType
-from peftkit.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
-from peftkit.layer import AdapterLayer, ModulesToSaveWrapper
+from peftkit.core.checkpoint import get_peft_model_state_dict, set_peft_model_state_dict
+from peftkit.core.config import PeftConfig, PeftType, TaskType
+from peftkit.core.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper
+from peftkit.core.peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+)
+from peftkit.core.quantization import prepare_model_for_int8_training, prepare_model_for_kbit_training
+from peftkit.core.registry import register_method, registered_methods
+from peftkit.core.tuner import BaseTuner
 from peftkit.methods.adalora import AdaLoraConfig, AdaLoraModel
 from peftkit.methods.adaption_prompt import AdaptionPromptConfig
 from peftkit.methods.bitfit import BitFitConfig, BitFitModel
@@ -32,20 +45,7 @@ from peftkit.methods.p_tuning_v2 import PTuningV2Config, PTuningV2Model
 from peftkit.methods.prefix_tuning import PrefixTuningConfig, PrefixTuningModel
 from peftkit.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit, PromptTuningModel
 from peftkit.methods.unipelt import UniPELTConfig, UniPELTModel
-from peftkit.peft_model import (
-    PeftModel,
-    PeftModelForCausalLM,
-    PeftModelForFeatureExtraction,
-    PeftModelForQuestionAnswering,
-    PeftModelForSeq2SeqLM,
-    PeftModelForSequenceClassification,
-    PeftModelForTokenClassification,
-    get_peft_model,
-)
-from peftkit.prompt import PromptLearningConfig
-from peftkit.quantization import prepare_model_for_int8_training, prepare_model_for_kbit_training
-from peftkit.registry import register_method, registered_methods
-from peftkit.tuner import BaseTuner
+from peftkit.placements.prompt import PromptLearningConfig
 
 __version__ = "0.1.0"
 

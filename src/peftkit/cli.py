@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,90 +22,6 @@ def _human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return str(n)
-
-
-def inspect_adapter(folder: str) -> dict[str, Any]:
-    """Describe a saved adapter folder without loading a model: method, config, adapted modules,
-    parameter counts and tensor sizes. Reads only the safetensors header for shapes."""
-    from safetensors import safe_open
-
-    from peftkit.checkpoint import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_adapter_weights
-    from peftkit.config import CONFIG_NAME, PeftConfig
-    from peftkit.registry import get_method
-
-    config_path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; pass a folder written by save_pretrained.")
-    config = PeftConfig.from_json_file(config_path)
-    shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: dict[str, str] = {}
-    weights_path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
-    if os.path.isfile(weights_path):
-        try:
-            with safe_open(weights_path, framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    tensor_slice = f.get_slice(key)
-                    shapes[key] = tuple(tensor_slice.get_shape())
-                    dtypes[key] = str(tensor_slice.get_dtype())
-        except Exception as err:
-            raise ValueError(f"{weights_path} is not a readable safetensors file ({err}).") from None
-    elif os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
-        for key, tensor in load_adapter_weights(folder).items():
-            shapes[key] = tuple(tensor.shape)
-            dtypes[key] = str(tensor.dtype).removeprefix("torch.")
-    else:
-        raise FileNotFoundError(f"{folder} has no {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}.")
-
-    tuner_cls = get_method(str(config.peft_type)).tuner_cls
-    containers = set(tuner_cls.layer_cls.adapter_param_containers)
-    # a method made of parts (a combination's components): each part's keys start with its own prefix
-    parts = tuner_cls.saved_tensor_parts(config)
-    part_counts: dict[str, int] = dict.fromkeys(parts, 0)
-    adapted: dict[str, int] = defaultdict(int)
-    other: dict[str, int] = {}
-    itemsize = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "U8": 1, "I64": 8, "I32": 4}
-    total_bytes = 0
-    for key, shape in shapes.items():
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        dtype = (
-            dtypes[key]
-            .upper()
-            .replace("FLOAT32", "F32")
-            .replace("FLOAT16", "F16")
-            .replace("BFLOAT16", "BF16")
-        )
-        total_bytes += numel * itemsize.get(dtype, 4)
-        part = next((label for label, (prefix, _) in parts.items() if key.startswith(prefix)), None)
-        local, part_containers, shown = key, containers, ""
-        if part is not None:
-            prefix, part_containers_list = parts[part]
-            part_counts[part] += numel
-            local, part_containers, shown = key.removeprefix(prefix), set(part_containers_list), prefix
-        segments = local.removeprefix("base_model.model.").split(".")
-        cut = next((i for i, seg in enumerate(segments) if seg in part_containers), None)
-        if cut is None:
-            other[key] = numel
-        else:
-            adapted[shown.replace(".", ": ") + ".".join(segments[:cut])] += numel
-    return {
-        "folder": folder,
-        "peft_type": str(config.peft_type),
-        "task_type": str(config.task_type) if config.task_type else None,
-        "base_model_name_or_path": config.base_model_name_or_path,
-        "config": config.to_dict(),
-        "components": part_counts,
-        "adapted_modules": dict(sorted(adapted.items())),
-        "other_tensors": other,
-        "num_tensors": len(shapes),
-        "num_parameters": sum(adapted.values()) + sum(other.values()),
-        "size_bytes": total_bytes,
-        "dtypes": sorted(set(dtypes.values())),
-        "subadapters": sorted(
-            d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, CONFIG_NAME))
-        ),
-    }
 
 
 def _print_inspection(info: dict[str, Any]) -> None:
@@ -230,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from peftkit.core.inspection import inspect_adapter
+
     info = inspect_adapter(args.folder)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -239,7 +156,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from peftkit.bench import load_spec, rebuild_report, run_bench
+    from peftkit.bench.runner import load_spec, rebuild_report, run_bench
 
     if args.report:
         if args.spec:
@@ -268,8 +185,8 @@ def _quiet_transformers() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from peftkit.runconfig import load_run_config
-    from peftkit.training import train
+    from peftkit.train.loop import train
+    from peftkit.train.runconfig import load_run_config
 
     config = load_run_config(args.config, args.overrides)
     _quiet_transformers()
@@ -278,8 +195,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from peftkit.runconfig import load_run_config
-    from peftkit.training import evaluate_adapter
+    from peftkit.train.loop import evaluate_adapter
+    from peftkit.train.runconfig import load_run_config
 
     config = load_run_config(args.config, args.overrides)
     _quiet_transformers()
@@ -293,7 +210,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _adapter_config(folder: str) -> Any:
-    from peftkit.config import CONFIG_NAME, PeftConfig
+    from peftkit.core.config import CONFIG_NAME, PeftConfig
 
     if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
         raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; pass a folder written by save_pretrained.")
@@ -303,7 +220,7 @@ def _adapter_config(folder: str) -> Any:
 def _head_labels(folder: str) -> int | None:
     """The number of labels of a saved classification head: the smallest first dimension among the saved
     2-D ``modules_to_save`` weights (BERT's ``classifier``, RoBERTa's ``classifier.out_proj``, ``score``)."""
-    from peftkit.checkpoint import load_adapter_weights
+    from peftkit.core.checkpoint import load_adapter_weights
 
     sizes = [
         t.shape[0]
@@ -318,9 +235,9 @@ def _load_adapted(
     adapter: str | None, base: str | None, task: str | None, num_labels: int | None = None
 ) -> tuple[Any, Any]:
     """(model with the adapter loaded, tokenizer) for merge and generate."""
-    from peftkit.loading import load_base_model, load_tokenizer
-    from peftkit.peft_model import PeftModel
-    from peftkit.runconfig import ModelSection, RunConfigError
+    from peftkit.core.peft_model import PeftModel
+    from peftkit.train.models import load_base_model, load_tokenizer
+    from peftkit.train.runconfig import ModelSection, RunConfigError
 
     config = _adapter_config(adapter) if adapter else None
     base = base or (config.base_model_name_or_path if config else None)
@@ -361,7 +278,7 @@ def _merge(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from peftkit.data import alpaca_prompt
+    from peftkit.train.data import alpaca_prompt
 
     _quiet_transformers()
     if args.adapter is None and args.base is None:

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 import transformers
 
-from peftkit.checkpoint import copy_saved_parameters, load_adapter_weights, set_peft_model_state_dict
-from peftkit.peft_model import PeftModel
+from peftkit.core.checkpoint import copy_saved_parameters, load_adapter_weights, set_peft_model_state_dict
+from peftkit.core.peft_model import PeftModel
 
 TRAINABLE_PARAMETERS_FILE = "trainable_parameters.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"

@@ -3,7 +3,7 @@
 ``combined``, ``mam`` and ``unipelt`` combine the methods above them (several methods as one adapter).
 """
 
-from peftkit.methods import (  # noqa: F401
+from peftkit.methods import (  # noqa: F401  # noqa: F401  (built from the methods above)
     adalora,
     adaption_prompt,
     bitfit,
@@ -14,5 +14,10 @@ from peftkit.methods import (  # noqa: F401
     ia3,
     lora,
     mam,
+    multitask_prompt_tuning,
+    p_tuning,
+    p_tuning_v2,
+    prefix_tuning,
+    prompt_tuning,
     unipelt,
 )

@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.config import PeftConfig, PeftType
-from peftkit.layer import AdapterLayer
+from peftkit.core.config import PeftConfig, PeftType
+from peftkit.core.layer import AdapterLayer
+from peftkit.core.registry import register_method
+from peftkit.core.tuner import BaseTuner
 from peftkit.methods.lora import LoraConfig
-from peftkit.registry import register_method
-from peftkit.tuner import BaseTuner
 
 
 @dataclass
@@ -412,4 +412,4 @@ def _pattern_by_module(rank_pattern: dict[str, Any], adapter_name: str) -> dict[
     return by_module
 
 
-register_method(PeftType.ADALORA, AdaLoraConfig, AdaLoraModel)
+register_method("ADALORA", AdaLoraConfig, AdaLoraModel)

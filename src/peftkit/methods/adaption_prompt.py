@@ -47,10 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.config import PeftConfig, PeftType
-from peftkit.layer import BASE_ADAPTER_NAME, AdapterLayer
-from peftkit.registry import register_method
-from peftkit.tuner import BaseTuner
+from peftkit.core.config import PeftConfig, PeftType
+from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer
+from peftkit.core.registry import register_method
+from peftkit.core.tuner import BaseTuner
 
 #: ``model.config.model_type`` values whose attention modules have ``q_proj``/``k_proj``/``v_proj``/
 #: ``o_proj`` and rotary position embeddings passed as ``position_embeddings``.
@@ -289,4 +289,4 @@ class AdaptionPromptModel(BaseTuner):
         return {"target_modules": config.target_modules or DEFAULT_TARGET}
 
 
-register_method(PeftType.ADAPTION_PROMPT, AdaptionPromptConfig, AdaptionPromptModel)
+register_method("ADAPTION_PROMPT", AdaptionPromptConfig, AdaptionPromptModel)

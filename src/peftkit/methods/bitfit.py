@@ -15,7 +15,7 @@ In a BERT block (the paper's §2 notation) the biases fall into the four groups 
     layernorm: b_LN1, b_LN2 and every other normalisation bias (e.g. the embeddings' LayerNorm)
 
 Nothing wraps a layer: the biases are the model's own parameters, selected through
-:meth:`~peftkit.tuner.BaseTuner.select_base_parameters` and trained in place. The checkpoint holds them
+:meth:`~peftkit.core.tuner.BaseTuner.select_base_parameters` and trained in place. The checkpoint holds them
 under their own names (``base_model.model.<module>.bias``), loading copies them onto a fresh base,
 merging is the identity and ``merge_and_unload`` returns the model carrying the trained biases. A copy of
 the original biases (a fraction of a percent of the model) makes ``disable_adapter()`` and
@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peftkit.config import PeftConfig, PeftType
-from peftkit.registry import register_method
-from peftkit.targeting import pattern_match
-from peftkit.tuner import BaseParameterSelection, BaseTuner
+from peftkit.core.config import PeftConfig, PeftType
+from peftkit.core.registry import register_method
+from peftkit.core.targeting import pattern_match
+from peftkit.core.tuner import BaseParameterSelection, BaseTuner
 
 BIAS_GROUPS = ("attention_qkv", "attention_output", "mlp", "layernorm")
 LINEAR_GROUPS = BIAS_GROUPS[:3]
@@ -262,4 +262,4 @@ class BitFitModel(BaseTuner):
         )
 
 
-register_method(PeftType.BITFIT, BitFitConfig, BitFitModel)
+register_method("BITFIT", BitFitConfig, BitFitModel)

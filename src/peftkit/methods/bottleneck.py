@@ -60,12 +60,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.checkpoint import adapter_fingerprint
-from peftkit.config import PeftConfig, PeftType
-from peftkit.layer import AdapterLayer, ModulesToSaveWrapper
-from peftkit.registry import get_method, register_method, registered_methods
-from peftkit.targeting import name_matches
-from peftkit.tuner import BaseTuner
+from peftkit.core.checkpoint import adapter_fingerprint
+from peftkit.core.config import PeftConfig, PeftType
+from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper
+from peftkit.core.registry import get_method, register_method, registered_methods
+from peftkit.core.targeting import name_matches
+from peftkit.core.tuner import BaseTuner
 
 STYLES = ("houlsby", "pfeiffer", "parallel")
 ROLE_FIELDS = (
@@ -885,4 +885,4 @@ def _pair_input(output_name: str, input_names: list[str], input_role: str = "ffn
     return winners[0]
 
 
-register_method(PeftType.BOTTLENECK, BottleneckConfig, BottleneckModel)
+register_method("BOTTLENECK", BottleneckConfig, BottleneckModel)

@@ -53,11 +53,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.checkpoint import validate_adapter_name
-from peftkit.config import PeftConfig, PeftType
-from peftkit.layer import AdapterLayer
-from peftkit.registry import get_method, register_method
-from peftkit.tuner import SAVED_PREFIX, BaseTuner
+from peftkit.core.checkpoint import validate_adapter_name
+from peftkit.core.config import PeftConfig, PeftType
+from peftkit.core.layer import AdapterLayer
+from peftkit.core.registry import get_method, register_method
+from peftkit.core.tuner import SAVED_PREFIX, BaseTuner
 
 SEPARATOR = "__"  # internal adapter name of a component: <adapter>__<component>
 #: letters and digits in groups joined by single underscores: never ``__``, never a leading ``_``
@@ -524,4 +524,4 @@ class CombinedModel(BaseTuner):
         return super().unload()
 
 
-register_method(PeftType.COMBINED, CombinedConfig, CombinedModel)
+register_method("COMBINED", CombinedConfig, CombinedModel)

@@ -9,7 +9,7 @@ Bengio, "Understanding intermediate layers using linear classifier probes" (arXi
     └──────────────── frozen ─────────────────────┘└────────── trained ────────────┘ trained (modules_to_save)
 
 Nothing wraps a layer and nothing is copied: the chosen blocks' own parameters are selected through
-:meth:`~peftkit.tuner.BaseTuner.select_base_parameters` and trained in place, so parameter counts and
+:meth:`~peftkit.core.tuner.BaseTuner.select_base_parameters` and trained in place, so parameter counts and
 memory are exactly those of partial fine-tuning. The checkpoint holds the trained tensors under their
 own names (``base_model.model.<parameter name>``); loading copies them onto a fresh base; merging is the
 identity and ``merge_and_unload`` returns the model carrying them.
@@ -28,10 +28,10 @@ from typing import Any
 
 from torch import nn
 
-from peftkit.config import PeftConfig, PeftType
-from peftkit.registry import register_method
-from peftkit.targeting import name_matches, pattern_match
-from peftkit.tuner import BaseParameterSelection, BaseTuner
+from peftkit.core.config import PeftConfig, PeftType
+from peftkit.core.registry import register_method
+from peftkit.core.targeting import name_matches, pattern_match
+from peftkit.core.tuner import BaseParameterSelection, BaseTuner
 
 LayerSpec = int | list[int] | list[str] | str
 
@@ -206,4 +206,4 @@ class FreezeModel(BaseTuner):
         return [stack[i] for stack in stacks.values() for i in dict.fromkeys(spec)]
 
 
-register_method(PeftType.FREEZE, FreezeConfig, FreezeModel)
+register_method("FREEZE", FreezeConfig, FreezeModel)

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from peftkit.config import PeftConfig, PeftType
+from peftkit.core.config import PeftConfig, PeftType
+from peftkit.core.registry import register_method
 from peftkit.methods.bottleneck import BottleneckModel
-from peftkit.registry import register_method
 
 
 @dataclass
@@ -43,7 +43,7 @@ class AdapterFusionConfig(PeftConfig):
         temperature: ``T`` in ``softmax(q · k / T)``.
         modules_to_save: modules (e.g. a new head) trained in full and saved with the fusion.
         adapter_fingerprints: written by ``save_pretrained``: per fused adapter, the SHA-256 of its saved
-            tensors (:func:`peftkit.checkpoint.adapter_fingerprint`). Loading the fusion together with the
+            tensors (:func:`peftkit.core.checkpoint.adapter_fingerprint`). Loading the fusion together with the
             adapters saved beside it checks them, so a stale or different adapter folder is an error.
 
     Raises:
@@ -104,4 +104,4 @@ class AdapterFusion(nn.Module):
 
 
 # A fusion lives in the same layers as the adapters it fuses, so it shares their tuner.
-register_method(PeftType.ADAPTER_FUSION, AdapterFusionConfig, BottleneckModel)
+register_method("ADAPTER_FUSION", AdapterFusionConfig, BottleneckModel)

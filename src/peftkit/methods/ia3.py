@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.config import PeftConfig, PeftType
-from peftkit.layer import AdapterLayer, linear_fan_in_fan_out
-from peftkit.registry import register_method
-from peftkit.targeting import pattern_match
-from peftkit.tuner import BaseTuner
+from peftkit.core.config import PeftConfig, PeftType
+from peftkit.core.layer import AdapterLayer, linear_fan_in_fan_out
+from peftkit.core.registry import register_method
+from peftkit.core.targeting import pattern_match
+from peftkit.core.tuner import BaseTuner
 
 # HF PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING
 # (peft/utils/constants.py, 0.21), keyed by ``model.config.model_type``.
@@ -424,4 +424,4 @@ def _new_ia3_layer(base: nn.Module, target: nn.Module, target_name: str, config:
     )
 
 
-register_method(PeftType.IA3, IA3Config, IA3Model)
+register_method("IA3", IA3Config, IA3Model)

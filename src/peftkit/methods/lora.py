@@ -35,14 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.checkpoint import validate_adapter_name
-from peftkit.config import PeftConfig, PeftType
-from peftkit.layer import AdapterLayer, linear_fan_in_fan_out
-from peftkit.merge import combine_cat, combine_linear, combine_svd
+from peftkit.core.checkpoint import validate_adapter_name
+from peftkit.core.config import PeftConfig, PeftType
+from peftkit.core.layer import AdapterLayer, linear_fan_in_fan_out
+from peftkit.core.merge import combine_cat, combine_linear, combine_svd
+from peftkit.core.registry import register_method
+from peftkit.core.targeting import per_module_value
+from peftkit.core.tuner import SAVED_PREFIX, BaseTuner
 from peftkit.methods.lora_ops import DoraLinearFunction, LoraLinearFunction
-from peftkit.registry import register_method
-from peftkit.targeting import per_module_value
-from peftkit.tuner import SAVED_PREFIX, BaseTuner
 
 InitKind = bool | Literal["gaussian", "pissa", "olora"] | str
 
@@ -951,4 +951,4 @@ def _new_lora_layer(base: nn.Module, target: nn.Module, target_name: str, config
     )
 
 
-register_method(PeftType.LORA, LoraConfig, LoraModel)
+register_method("LORA", LoraConfig, LoraModel)

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peftkit.config import PeftConfig, PeftType
+from peftkit.core.config import PeftConfig, PeftType
+from peftkit.core.registry import register_method
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.combined import CombinedConfig, CombinedModel, ComponentsArg
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
-from peftkit.registry import register_method
 
 
 def mam_components() -> dict[str, PeftConfig]:
@@ -62,4 +62,4 @@ class MAMConfig(CombinedConfig):
             )
 
 
-register_method(PeftType.MAM, MAMConfig, CombinedModel)
+register_method("MAM", MAMConfig, CombinedModel)

@@ -32,10 +32,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from peftkit.config import PeftConfig, PeftType
+from peftkit.core.config import PeftConfig, PeftType
+from peftkit.core.registry import register_method
 from peftkit.methods.prompt_tuning import PromptTuningConfig, initial_prompt
-from peftkit.prompt import INPUT_EMBEDDINGS, SAVED_PROMPT_KEY, PromptDims, PromptTuner
-from peftkit.registry import register_method
+from peftkit.placements.prompt import INPUT_EMBEDDINGS, SAVED_PROMPT_KEY, PromptDims, PromptTuner
 
 TASK_COLS_KEY = "prefix_task_cols"  # HF PEFT's on-disk names of the u_t and v_t
 TASK_ROWS_KEY = "prefix_task_rows"
@@ -144,7 +144,7 @@ class MultitaskPromptEmbedding(nn.Module):
 
 def load_source_tensors(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a source checkpoint: a ``.safetensors`` / ``.bin`` file or an adapter folder."""
-    from peftkit.checkpoint import load_adapter_weights
+    from peftkit.core.checkpoint import load_adapter_weights
 
     if os.path.isdir(path):
         return load_adapter_weights(path)
@@ -248,4 +248,4 @@ def _copy_from_source(
             own[name].copy_(value.to(device=own[name].device, dtype=own[name].dtype))
 
 
-register_method(PeftType.MULTITASK_PROMPT_TUNING, MultitaskPromptTuningConfig, MultitaskPromptTuningModel)
+register_method("MULTITASK_PROMPT_TUNING", MultitaskPromptTuningConfig, MultitaskPromptTuningModel)

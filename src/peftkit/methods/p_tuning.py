@@ -24,9 +24,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftkit.config import PeftConfig, PeftType
-from peftkit.prompt import INPUT_EMBEDDINGS, PromptDims, PromptLearningConfig, PromptTable, PromptTuner
-from peftkit.registry import register_method
+from peftkit.core.config import PeftConfig, PeftType
+from peftkit.core.registry import register_method
+from peftkit.placements.prompt import (
+    INPUT_EMBEDDINGS,
+    PromptDims,
+    PromptLearningConfig,
+    PromptTable,
+    PromptTuner,
+)
 
 
 class PromptEncoderReparameterizationType(str, enum.Enum):
@@ -130,4 +136,4 @@ class PromptEncoderModel(PromptTuner):
         return PromptEncoder(config, rows, dims.token_dim)
 
 
-register_method(PeftType.P_TUNING, PromptEncoderConfig, PromptEncoderModel)
+register_method("P_TUNING", PromptEncoderConfig, PromptEncoderModel)

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftkit.config import PeftType, TaskType
+from peftkit.core.config import PeftType, TaskType
+from peftkit.core.registry import register_method
 from peftkit.methods.prefix_tuning import PrefixTuningConfig, PrefixTuningModel
-from peftkit.registry import register_method
 
 ENCODER_TASKS = (TaskType.SEQ_CLS, TaskType.TOKEN_CLS, TaskType.QUESTION_ANS, TaskType.FEATURE_EXTRACTION)
 
@@ -58,4 +58,4 @@ class PTuningV2Model(PrefixTuningModel):
     """The prefix machinery of :class:`~peftkit.methods.prefix_tuning.PrefixTuningModel`."""
 
 
-register_method(PeftType.P_TUNING_V2, PTuningV2Config, PTuningV2Model)
+register_method("P_TUNING_V2", PTuningV2Config, PTuningV2Model)

@@ -47,8 +47,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.config import PeftConfig, PeftType
-from peftkit.prompt import (
+from peftkit.core.config import PeftConfig, PeftType
+from peftkit.core.registry import register_method
+from peftkit.placements.prompt import (
     ATTENTION_PREFIX,
     SAVED_PROMPT_KEY,
     PromptDims,
@@ -56,7 +57,6 @@ from peftkit.prompt import (
     PromptTable,
     PromptTuner,
 )
-from peftkit.registry import register_method
 
 ENCODER_PROMPT_KEY = "encoder_prompt_embeddings"  # on-disk name of the encoder prefix table (peftkit only)
 
@@ -370,4 +370,4 @@ def _attend_prefix(mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return torch.cat([attended, mask], dim=-1)
 
 
-register_method(PeftType.PREFIX_TUNING, PrefixTuningConfig, PrefixTuningModel)
+register_method("PREFIX_TUNING", PrefixTuningConfig, PrefixTuningModel)

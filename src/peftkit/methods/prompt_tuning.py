@@ -26,9 +26,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from peftkit.config import PeftConfig, PeftType
-from peftkit.prompt import INPUT_EMBEDDINGS, PromptDims, PromptLearningConfig, PromptTable, PromptTuner
-from peftkit.registry import register_method
+from peftkit.core.config import PeftConfig, PeftType
+from peftkit.core.registry import register_method
+from peftkit.placements.prompt import (
+    INPUT_EMBEDDINGS,
+    PromptDims,
+    PromptLearningConfig,
+    PromptTable,
+    PromptTuner,
+)
 
 
 class PromptTuningInit(str, enum.Enum):
@@ -136,4 +142,4 @@ class PromptTuningModel(PromptTuner):
         return PromptTable(rows, dims.token_dim, init)
 
 
-register_method(PeftType.PROMPT_TUNING, PromptTuningConfig, PromptTuningModel)
+register_method("PROMPT_TUNING", PromptTuningConfig, PromptTuningModel)

@@ -42,16 +42,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.config import PeftConfig, PeftType
-from peftkit.layer import AdapterLayer, linear_fan_in_fan_out
+from peftkit.core.config import PeftConfig, PeftType
+from peftkit.core.layer import AdapterLayer, linear_fan_in_fan_out
+from peftkit.core.registry import register_method
+from peftkit.core.targeting import per_module_value
+from peftkit.core.tuner import SAVED_PREFIX, BaseTuner
 from peftkit.methods.bottleneck import BottleneckConfig, BottleneckLayer, BottleneckModel, block_index
 from peftkit.methods.combined import CombinedConfig, CombinedModel, ComponentsArg
 from peftkit.methods.lora import Linear as LoraLinear
 from peftkit.methods.lora import LoraConfig, LoraLayer, LoraModel
 from peftkit.methods.prefix_tuning import PrefixTuningConfig, PrefixTuningModel
-from peftkit.registry import register_method
-from peftkit.targeting import per_module_value
-from peftkit.tuner import SAVED_PREFIX, BaseTuner
 
 GATED_LORA_CANNOT_MERGE = (
     "UniPELT's LoRA is gated: its change g(x)·s·B A x depends on each input through the gate "
@@ -466,4 +466,4 @@ class UniPELTModel(CombinedModel):
         )
 
 
-register_method(PeftType.UNIPELT, UniPELTConfig, UniPELTModel)
+register_method("UNIPELT", UniPELTConfig, UniPELTModel)

@@ -146,7 +146,7 @@ def resolve_target_modules(model: nn.Module, config: Any) -> str | list[str]:
 
 
 def _all_linear_names(model: nn.Module, task_type: Any) -> list[str]:
-    from peftkit.layer import AdapterLayer
+    from peftkit.core.layer import AdapterLayer
 
     excluded: set[str] = set()
     get_output = getattr(model, "get_output_embeddings", None)
@@ -184,7 +184,7 @@ def find_target_names(model: nn.Module, config: Any, modules_to_save: Sequence[s
     exclude = getattr(config, "exclude_modules", None)
     layers_to_transform = getattr(config, "layers_to_transform", None)
     layers_pattern = getattr(config, "layers_pattern", None)
-    from peftkit.layer import AdapterLayer
+    from peftkit.core.layer import AdapterLayer
 
     adapter_internal: set[str] = set()
     matched = []

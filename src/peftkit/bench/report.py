@@ -19,7 +19,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from peftkit.io_utils import atomic_write, atomic_write_text
+from peftkit.core.io_utils import atomic_write, atomic_write_text
 
 Row = dict[str, Any]
 PLOTS = ("score_vs_trainable.png", "peak_memory.png", "step_time.png", "cost_vs_size.png")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.runconfig import ModelSection, RunConfigError
+from peftkit.train.runconfig import ModelSection, RunConfigError
 
 TASK_AUTO_CLASS = {
     "SEQ_CLS": "AutoModelForSequenceClassification",

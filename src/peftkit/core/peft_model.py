@@ -1,7 +1,7 @@
 """``PeftModel``: the user-facing wrapper, with HF PEFT's names.
 
 ``get_peft_model(model, config)`` wraps a transformers (or any torch) model; the task subclass is chosen by
-``config.task_type``. The wrapper delegates to a method's :class:`~peftkit.tuner.BaseTuner`
+``config.task_type``. The wrapper delegates to a method's :class:`~peftkit.core.tuner.BaseTuner`
 (``self.base_model``), which holds the original model as ``self.base_model.model``.
 """
 
@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from peftkit.checkpoint import (
+from peftkit.core.checkpoint import (
     adapter_fingerprint,
     get_peft_model_state_dict,
     load_adapter_weights,
@@ -27,11 +27,11 @@ from peftkit.checkpoint import (
     sized_by,
     validate_adapter_name,
 )
-from peftkit.config import CONFIG_NAME, PeftConfig, TaskType
-from peftkit.layer import AdapterLayer
-from peftkit.registry import get_method
-from peftkit.targeting import name_matches
-from peftkit.tuner import BaseTuner, count_parameters
+from peftkit.core.config import CONFIG_NAME, PeftConfig, TaskType
+from peftkit.core.layer import AdapterLayer
+from peftkit.core.registry import get_method
+from peftkit.core.targeting import name_matches
+from peftkit.core.tuner import BaseTuner, count_parameters
 
 _P = inspect.Parameter
 

@@ -16,7 +16,7 @@ A spec is a YAML file::
 
 Each grid point is the deep merge ``base ← model ← task ← method ← precision ← {seed, output_dir}``,
 checked like a ``train`` config before anything runs. Each run is a child process (``python -m
-peftkit.bench RUN.yaml RESULT.json``) so that its peak memory is its own. A row records:
+peftkit.bench.runner RUN.yaml RESULT.json``) so that its peak memory is its own. A row records:
 
 * **trainable** parameters (receive gradients), **added** parameters (the adapted model's parameter
   count minus the base model's: new tensors, whether or not they merge away; a ``modules_to_save`` head
@@ -59,8 +59,8 @@ from typing import Any
 
 import yaml
 
-from peftkit.io_utils import atomic_write, atomic_write_text
-from peftkit.runconfig import RunConfigError, build_method_config, build_run_config, load_yaml_config
+from peftkit.core.io_utils import atomic_write, atomic_write_text
+from peftkit.train.runconfig import RunConfigError, build_method_config, build_run_config, load_yaml_config
 
 PRECISIONS: dict[str, dict[str, Any]] = {
     "fp32": {"model": {"dtype": "float32"}},
@@ -309,7 +309,7 @@ def run_bench(spec: BenchSpec, dry_run: bool = False, resume: bool = False) -> l
         with open(os.path.join(run_dir, "bench.log"), "w", encoding="utf-8") as log:
             try:
                 process = subprocess.run(
-                    [sys.executable, "-m", "peftkit.bench", config_path, result_path],
+                    [sys.executable, "-m", "peftkit.bench.runner", config_path, result_path],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=env,
@@ -368,7 +368,15 @@ def _read(path: str) -> str | None:
 
 
 MAIN_METRIC = ("accuracy", "pearson", "perplexity", "loss")
-KNOWN_METRICS = ("accuracy", "f1", "mcc", "pearson", "spearman", "perplexity", "loss")  # see peftkit.metrics
+KNOWN_METRICS = (
+    "accuracy",
+    "f1",
+    "mcc",
+    "pearson",
+    "spearman",
+    "perplexity",
+    "loss",
+)  # see peftkit.train.metrics
 
 
 def _choose_metric(row: dict[str, Any], spec: BenchSpec) -> None:
@@ -417,14 +425,14 @@ def write_results(folder: str, rows: list[dict[str, Any]], meta: dict[str, Any] 
             writer.writerows(rows)
 
     atomic_write(os.path.join(folder, "results.csv"), write_csv)
-    from peftkit.bench_report import write_report
+    from peftkit.bench.report import write_report
 
     write_report(folder, rows, meta)
 
 
 def rebuild_report(folder: str) -> str:
     """``peftkit bench --report FOLDER``: the report again from ``results.jsonl`` (and ``bench_meta.json``)."""
-    from peftkit.bench_report import write_report
+    from peftkit.bench.report import write_report
 
     rows_path = os.path.join(folder, "results.jsonl")
     if not os.path.isfile(rows_path):
@@ -450,9 +458,9 @@ def run_one(config_path: str, result_path: str) -> None:
     from transformers import logging as hf_logging
 
     import peftkit
-    from peftkit.peft_model import PeftModel
-    from peftkit.runconfig import load_run_config
-    from peftkit.training import train
+    from peftkit.core.peft_model import PeftModel
+    from peftkit.train.loop import train
+    from peftkit.train.runconfig import load_run_config
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -491,9 +499,9 @@ def _probe(config: Any, summary: dict[str, Any], load: Any) -> dict[str, Any]:
 
     import torch
 
-    from peftkit.loading import load_base_model, load_tokenizer
-    from peftkit.training import make_batch, prepare_task
-    from peftkit.tuner import count_parameters
+    from peftkit.core.tuner import count_parameters
+    from peftkit.train.loop import make_batch, prepare_task
+    from peftkit.train.models import load_base_model, load_tokenizer
 
     folder = config.output_dir
     model_section = config.model
@@ -593,7 +601,7 @@ def parameter_counts(adapted: Any, base_params: int, adapter_dir: str) -> dict[s
 
     ``peftkit bench`` computes exactly these (trainable and all parameters during training, the base
     model's count and the file afterwards)."""
-    from peftkit.tuner import count_parameters
+    from peftkit.core.tuner import count_parameters
 
     trainable, total = count_parameters(adapted)
     return counts_of(trainable, total, base_params, adapter_dir)
@@ -601,7 +609,7 @@ def parameter_counts(adapted: Any, base_params: int, adapter_dir: str) -> dict[s
 
 def counts_of(trainable: int, total: int, base_params: int, adapter_dir: str) -> dict[str, int]:
     """The three counts from the adapted model's trainable and total parameter counts (taken during
-    training, by :func:`peftkit.tuner.count_parameters`), the base model's count and the saved folder."""
+    training, by :func:`peftkit.core.tuner.count_parameters`), the base model's count and the saved folder."""
     stored, stored_bytes = stored_size(adapter_dir)
     return {
         "trainable_params": trainable,
@@ -617,5 +625,7 @@ def config_batch(config: Any) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m peftkit.bench RUN.yaml RESULT.json (started by peftkit bench)")
+        raise SystemExit(
+            "usage: python -m peftkit.bench.runner RUN.yaml RESULT.json (started by peftkit bench)"
+        )
     run_one(sys.argv[1], sys.argv[2])

@@ -39,7 +39,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from peftkit.data import (
+from peftkit.core.io_utils import atomic_write_text
+from peftkit.core.quantization import is_quantized_model, prepare_model_for_kbit_training
+from peftkit.train.data import (
     ROW_INPUT_OPTIONS,
     Example,
     LabelSpace,
@@ -50,11 +52,9 @@ from peftkit.data import (
     loss_units,
     row_inputs,
 )
-from peftkit.io_utils import atomic_write_text
-from peftkit.loading import load_base_model, load_tokenizer
-from peftkit.metrics import classification_metrics, lm_metrics, regression_metrics
-from peftkit.quantization import is_quantized_model, prepare_model_for_kbit_training
-from peftkit.runconfig import RunConfig, RunConfigError, build_method_config, dump_run_config
+from peftkit.train.metrics import classification_metrics, lm_metrics, regression_metrics
+from peftkit.train.models import load_base_model, load_tokenizer
+from peftkit.train.runconfig import RunConfig, RunConfigError, build_method_config, dump_run_config
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -157,7 +157,7 @@ def check_row_inputs(model: nn.Module, task: Task, method: str) -> None:
         RunConfigError: a data option the method cannot use, an input the method needs that the data
             lacks, or a value the method rejects (a task id beyond its number of tasks).
     """
-    from peftkit.tuner import BaseTuner
+    from peftkit.core.tuner import BaseTuner
 
     given = set(task.row_inputs)
     tuner = getattr(model, "base_model", None)
@@ -260,7 +260,7 @@ def build_peft_model(
     base model and tokenizer there (atomically), e.g. a randomly initialised model built from a config.
     ``wrap(base, method_config)`` replaces :func:`peftkit.get_peft_model` (``peftkit bench`` passes another
     library's equivalent for its peer column)."""
-    from peftkit.peft_model import get_peft_model
+    from peftkit.core.peft_model import get_peft_model
 
     problem_type = None
     if config.model.task_type == "SEQ_CLS":
@@ -536,7 +536,7 @@ def save_checkpoint(
 
 def load_checkpoint(path: str, peft_model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load the adapter of a checkpoint into ``peft_model``; return (trainer state, training state)."""
-    from peftkit.checkpoint import load_adapter_weights, set_peft_model_state_dict
+    from peftkit.core.checkpoint import load_adapter_weights, set_peft_model_state_dict
 
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
         trainer_state = json.load(f)
@@ -567,7 +567,7 @@ def _trainable_parameters(peft_model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _load_trainable_parameters(peft_model: nn.Module, path: str) -> None:
     """Copy a checkpoint's :data:`TRAINABLE_PARAMETERS_FILE` back into the adapter, all or nothing."""
-    from peftkit.checkpoint import copy_saved_parameters
+    from peftkit.core.checkpoint import copy_saved_parameters
 
     try:
         copy_saved_parameters(_adapter_parameters(peft_model), path, "this run's adapter")
@@ -875,7 +875,7 @@ def _train(
 
 
 def _count(model: nn.Module) -> tuple[int, int]:
-    from peftkit.tuner import count_parameters
+    from peftkit.core.tuner import count_parameters
 
     return count_parameters(model)
 
@@ -943,8 +943,8 @@ def evaluate_adapter(config: RunConfig, adapter_dir: str) -> dict[str, float]:
     it (the adapter's ``base_model_name_or_path``)."""
     import dataclasses
 
-    from peftkit.config import PeftConfig
-    from peftkit.peft_model import PeftModel
+    from peftkit.core.config import PeftConfig
+    from peftkit.core.peft_model import PeftModel
 
     adapter_config = PeftConfig.from_pretrained(adapter_dir)
     model_section = config.model

@@ -4,8 +4,8 @@ Serving many adapters on one base often means replacing the adapter in memory ra
 more: :func:`hotswap_adapter` copies a checkpoint's tensors into the parameters of an adapter the model
 already has (same method, same target modules), so no module is created or replaced and code holding
 the model (or a compiled graph of it) keeps working. A method decides which shapes fit through
-:meth:`~peftkit.tuner.BaseTuner.hotswap_tensor` (LoRA zero-pads a smaller rank, which leaves its output
-exact) and recomputes its settings in :meth:`~peftkit.tuner.BaseTuner.after_hotswap` (LoRA's scalings).
+:meth:`~peftkit.core.tuner.BaseTuner.hotswap_tensor` (LoRA zero-pads a smaller rank, which leaves its output
+exact) and recomputes its settings in :meth:`~peftkit.core.tuner.BaseTuner.after_hotswap` (LoRA's scalings).
 :func:`prepare_model_for_compiled_hotswap` pads an adapter up front so that later swaps of any rank up to
 ``target_rank`` fit. The names and arguments are HF PEFT's (``peft.utils.hotswap``).
 """
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from peftkit.checkpoint import load_adapter_weights
-from peftkit.config import PeftConfig
+from peftkit.core.checkpoint import load_adapter_weights
+from peftkit.core.config import PeftConfig
 
 
 def hotswap_adapter(

@@ -15,40 +15,90 @@ import json
 import os
 import typing
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from peftkit.io_utils import atomic_write_text, read_config_text
-from peftkit.typecheck import describe, fits
+from peftkit.core.io_utils import atomic_write_text, read_config_text
+from peftkit.core.typecheck import describe, fits
 
 CONFIG_NAME = "adapter_config.json"
 
 ConfigT = TypeVar("ConfigT", bound="PeftConfig")
 
 
-class PeftType(str, enum.Enum):
-    """Method identifiers, spelled as HF PEFT spells them in ``adapter_config.json``."""
+class _OpenEnumType(type):
+    """Iteration, membership and a clear error for an unknown name, over the members defined so far."""
 
-    LORA = "LORA"
-    ADALORA = "ADALORA"
-    IA3 = "IA3"
-    PROMPT_TUNING = "PROMPT_TUNING"
-    P_TUNING = "P_TUNING"
-    PREFIX_TUNING = "PREFIX_TUNING"
-    ADAPTION_PROMPT = "ADAPTION_PROMPT"
-    MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
-    # Methods HF PEFT does not have (AdapterHub-style); their names are peftkit's own.
-    BOTTLENECK = "BOTTLENECK"
-    ADAPTER_FUSION = "ADAPTER_FUSION"
-    BITFIT = "BITFIT"
-    P_TUNING_V2 = "P_TUNING_V2"
-    FREEZE = "FREEZE"
-    UNIPELT = "UNIPELT"
-    MAM = "MAM"
-    COMBINED = "COMBINED"  # several methods on one model (methods/combined.py)
+    _members: dict[str, Any]
+
+    def __iter__(cls) -> Iterator[Any]:
+        return iter(list(cls._members.values()))
+
+    def __len__(cls) -> int:
+        return len(cls._members)
+
+    def __contains__(cls, item: object) -> bool:
+        return str(item) in cls._members
+
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return cls._members[name]
+        except KeyError:
+            raise AttributeError(
+                f"PeftType has no {name!r}: no loaded method defines it; known: {', '.join(cls._members)}."
+            ) from None
+
+    @property
+    def __members__(cls) -> dict[str, Any]:
+        return dict(cls._members)
+
+
+class PeftType(str, metaclass=_OpenEnumType):
+    """Method identifiers, spelled as HF PEFT spells them in ``adapter_config.json`` (``PeftType.LORA ==
+    "LORA"``).
+
+    HF PEFT's ``PeftType`` is an enum that lists every method; here the list is open: each method file
+    defines its own member with :meth:`define` (``PEFT_TYPE = PeftType.define("LORA")``), so the core
+    names no method. Members are strings; ``PeftType("LORA")`` returns the member, ``.name`` / ``.value``
+    are the name, and the class iterates over the members defined so far, as an enum does.
+    """
+
+    _members: ClassVar[dict[str, PeftType]] = {}
+
+    def __new__(cls, value: str) -> PeftType:
+        try:
+            return cls._members[str(value)]
+        except KeyError:
+            raise ValueError(f"{value!r} is not a PeftType; known: {', '.join(cls._members)}.") from None
+
+    @classmethod
+    def define(cls, name: str) -> PeftType:
+        """The member ``name`` (created on first use; defining a name twice returns the same member)."""
+        if name not in cls._members:
+            if not name.isidentifier() or name.upper() != name:
+                raise ValueError(f"PeftType names are upper-case identifiers, got {name!r}.")
+            cls._members[name] = str.__new__(cls, name)
+        return cls._members[name]
+
+    @property
+    def name(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
 
     def __str__(self) -> str:
-        return self.value
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"<PeftType.{self.name}: {self.name!r}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PeftType, (self.name,))
 
 
 class TaskType(str, enum.Enum):
@@ -177,7 +227,7 @@ class PeftConfig:
         subclass it checks that the type matches. Keys the class does not know (newer HF PEFT fields,
         typos) are dropped with one warning that names them.
         """
-        from peftkit.registry import get_method, registered_methods
+        from peftkit.core.registry import get_method, registered_methods
 
         peft_type = data.get("peft_type")
         if peft_type is None:

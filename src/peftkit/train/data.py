@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from peftkit.runconfig import DataSection, RunConfigError
+from peftkit.train.runconfig import DataSection, RunConfigError
 
 Row = dict[str, Any]
 Example = dict[str, Any]

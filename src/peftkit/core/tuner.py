@@ -25,16 +25,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.config import PeftConfig
-from peftkit.layer import AdapterLayer, ModulesToSaveWrapper
-from peftkit.quantization import (
+from peftkit.core.config import PeftConfig
+from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper
+from peftkit.core.quantization import (
     dequantized_linear,
     forget_quantization,
     is_quantized_module,
     pause_cpu_repacking,
     resume_cpu_repacking,
 )
-from peftkit.targeting import find_target_names, name_matches
+from peftkit.core.targeting import find_target_names, name_matches
 
 SAVED_PREFIX = "base_model.model."  # on-disk names of adapter tensors start with this (HF PEFT's layout)
 
@@ -104,7 +104,7 @@ class BaseTuner(nn.Module):
         self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
         for param in self.model.parameters():
             param.requires_grad_(False)
-        # 4-bit layers stay in bitsandbytes' standard layout while adapters are on (peftkit.quantization)
+        # 4-bit layers stay in bitsandbytes' standard layout while adapters are on (peftkit.core.quantization)
         self._repacking_paused = pause_cpu_repacking(model)
         try:
             self.inject_adapter(adapter_name)
@@ -180,7 +180,7 @@ class BaseTuner(nn.Module):
 
     def hotswap_tensor(self, key: str, param: nn.Parameter, tensor: torch.Tensor) -> torch.Tensor:
         """The value that checkpoint tensor ``key`` takes when hot-swapped into ``param`` (see
-        :func:`peftkit.hotswap.hotswap_adapter`): the tensor itself, which must have ``param``'s shape. A
+        :func:`peftkit.core.hotswap.hotswap_adapter`): the tensor itself, which must have ``param``'s shape. A
         method that can fit other shapes (LoRA pads smaller ranks with zeros) overrides this.
 
         Raises:
@@ -223,7 +223,7 @@ class BaseTuner(nn.Module):
     @classmethod
     def required_adapters(cls, config: PeftConfig) -> dict[str, str | None]:
         """Adapters that an adapter with ``config`` builds on (AdapterFusion: the adapters it fuses), each with
-        the fingerprint of its saved tensors (:func:`peftkit.checkpoint.adapter_fingerprint`) or ``None``.
+        the fingerprint of its saved tensors (:func:`peftkit.core.checkpoint.adapter_fingerprint`) or ``None``.
         ``PeftModel.from_pretrained`` / ``load_adapter`` load the ones the model lacks from where
         ``save_pretrained`` wrote them beside it. ``{}``: none."""
         return {}

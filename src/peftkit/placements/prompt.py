@@ -43,8 +43,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from peftkit.config import PeftConfig
-from peftkit.tuner import BaseTuner
+from peftkit.core.config import PeftConfig
+from peftkit.core.tuner import BaseTuner
 
 SAVED_PROMPT_KEY = "prompt_embeddings"  # HF PEFT's on-disk name of the prompt table
 INPUT_EMBEDDINGS = "input_embeddings"

@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
-from peftkit.io_utils import check_config_size, read_config_text
-from peftkit.typecheck import describe, fits
+from peftkit.core.io_utils import check_config_size, read_config_text
+from peftkit.core.typecheck import describe, fits
 
 
 class RunConfigError(ValueError):
@@ -179,7 +179,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] | tuple
 
 def load_yaml_config(path: str) -> Any:
     """A YAML config file, parsed safely (plain data only) and bounded: at most
-    :data:`~peftkit.io_utils.MAX_CONFIG_BYTES` of text and :data:`~peftkit.io_utils.MAX_CONFIG_NODES`
+    :data:`~peftkit.core.io_utils.MAX_CONFIG_BYTES` of text and :data:`~peftkit.core.io_utils.MAX_CONFIG_NODES`
     values once aliases are expanded, so that an alias bomb is refused instead of spinning."""
     try:
         loaded = yaml.safe_load(read_config_text(path))
@@ -253,7 +253,7 @@ def build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 
 def method_names() -> list[str]:
-    from peftkit.registry import registered_methods
+    from peftkit.core.registry import registered_methods
 
     return [name.lower() for name in registered_methods()]
 
@@ -261,7 +261,7 @@ def method_names() -> list[str]:
 def build_method_config(config: RunConfig) -> Any:
     """The method's config dataclass from the ``method`` section (its fields, exactly), with the task type
     taken from ``model.task_type``."""
-    from peftkit.registry import get_method, registered_methods
+    from peftkit.core.registry import get_method, registered_methods
 
     values = dict(config.method)
     name = values.pop("name")

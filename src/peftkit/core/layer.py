@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.quantization import (
+from peftkit.core.quantization import (
     dequantize_weight,
     dequantized_linear,
     is_bnb_linear,

@@ -1,5 +1,8 @@
 """The method registry: each method file registers its config class and its tuner class here.
 
+The built-in methods register when ``peftkit`` is imported (``peftkit/__init__.py`` imports
+``peftkit.methods``); the core itself never imports a method.
+
 ``get_peft_model``, checkpoint loading and the command line look methods up by ``peft_type``; the core
 never names a method.
 """
@@ -10,8 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from peftkit.config import PeftConfig
-    from peftkit.tuner import BaseTuner
+    from peftkit.core.config import PeftConfig
+    from peftkit.core.tuner import BaseTuner
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,12 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register_method(peft_type: str, config_cls: type[PeftConfig], tuner_cls: type[BaseTuner]) -> None:
-    """Register a method under ``peft_type`` (e.g. ``"LORA"``). Registering a name twice is an error."""
-    key = str(peft_type)
+    """Register a method under ``peft_type`` (e.g. ``"LORA"``), which also becomes a member of
+    :class:`~peftkit.PeftType` (``PeftType.LORA``). Registering a name twice for another config class is an
+    error."""
+    from peftkit.core.config import PeftType
+
+    key = str(PeftType.define(str(peft_type)))
     if key in _REGISTRY and _REGISTRY[key].config_cls is not config_cls:
         raise ValueError(f"A method is already registered as {key!r} ({_REGISTRY[key].config_cls.__name__}).")
     _REGISTRY[key] = MethodSpec(key, config_cls, tuner_cls)
@@ -36,15 +43,8 @@ def register_method(peft_type: str, config_cls: type[PeftConfig], tuner_cls: typ
 
 def get_method(peft_type: str) -> MethodSpec:
     """The spec registered for ``peft_type``; ``KeyError`` if none is."""
-    _ensure_builtin_methods_loaded()
     return _REGISTRY[str(peft_type)]
 
 
 def registered_methods() -> list[str]:
-    _ensure_builtin_methods_loaded()
     return sorted(_REGISTRY)
-
-
-def _ensure_builtin_methods_loaded() -> None:
-    # Importing the package registers every built-in method (see peftkit/methods/__init__.py).
-    import peftkit.methods  # noqa: F401

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from peftkit.io_utils import atomic_write
+from peftkit.core.io_utils import atomic_write
 
 if TYPE_CHECKING:
-    from peftkit.peft_model import PeftModel
+    from peftkit.core.peft_model import PeftModel
 
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME = "adapter_model.bin"
@@ -160,7 +160,7 @@ def load_adapter_weights(folder: str, **hub_kwargs: Any) -> dict[str, torch.Tens
                 f"{folder} has no {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}; is it an adapter folder "
                 f"written by save_pretrained?"
             )
-        from peftkit.config import _download_from_hub
+        from peftkit.core.config import _download_from_hub
 
         safetensors_path = _download_from_hub(folder, SAFETENSORS_WEIGHTS_NAME, **hub_kwargs)
     if os.path.isfile(safetensors_path):
