@@ -97,11 +97,5 @@ def prepare_model_for_compiled_hotswap(
         ValueError: the method has no rank to pad, or ``target_rank`` is below an adapter's rank.
     """
     del config, check_compiled
-    tuner = model.base_model
-    pad = getattr(tuner, "pad_ranks", None)
-    if pad is None:
-        raise ValueError(
-            f"{type(tuner).__name__} adapters have no rank to pad; hot-swapping them needs equal shapes."
-        )
     if target_rank is not None:
-        pad(target_rank)
+        model.base_model.pad_ranks(target_rank)

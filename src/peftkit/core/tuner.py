@@ -83,8 +83,14 @@ class BaseTuner(nn.Module):
     layer_cls: type[AdapterLayer] = AdapterLayer
     #: whether the method's layers handle bitsandbytes' quantized linears (4-bit / 8-bit weights)
     supports_quantized_layers: bool = False
-    #: whether the method's adapters fold into the base weights (merge_adapter / merge_and_unload)
+    #: whether the method's adapters fold into the base weights (merge_adapter / merge_and_unload); when
+    #: not, the core refuses both with the message ``cannot_merge_reason``
     can_merge: bool = True
+    cannot_merge_reason: str = ""
+    #: whether rows of one batch may use different adapters (``adapter_names=`` in forward / generate);
+    #: when not, the core refuses it with the message ``no_mixed_batches_reason``
+    supports_mixed_batches: bool = True
+    no_mixed_batches_reason: str = ""
 
     def __init__(
         self,
@@ -219,6 +225,23 @@ class BaseTuner(nn.Module):
         combination's components); ``print_trainable_parameters`` prints them under the total. ``{}``: one
         part."""
         return {}
+
+    def on_step_end(self, global_step: int) -> None:
+        """Called by a training loop after each optimizer step, before the gradients are cleared, for a
+        method that adapts itself during training (AdaLoRA reallocates ranks from the gradients). The
+        default does nothing."""
+
+    def pad_ranks(self, target_rank: int) -> None:
+        """Pad every adapter to rank ``target_rank`` with zeros (outputs unchanged), so that adapters of any
+        rank up to it hot-swap without a shape change
+        (:func:`peftkit.core.hotswap.prepare_model_for_compiled_hotswap`).
+
+        Raises:
+            ValueError: the method has no rank (the default), or ``target_rank`` is below an adapter's rank.
+        """
+        raise ValueError(
+            f"{type(self).__name__} adapters have no rank to pad; hot-swapping them needs equal shapes."
+        )
 
     @classmethod
     def required_adapters(cls, config: PeftConfig) -> dict[str, str | None]:
@@ -540,6 +563,11 @@ class BaseTuner(nn.Module):
     # ---------------------------------------------------------------------------------- merging
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights; with ``safe_merge`` a NaN/inf result changes nothing."""
+        self.check_can_merge(adapter_names)
+        self._merge_layers(adapter_names, safe_merge)
+
+    def _merge_layers(self, adapter_names: Sequence[str] | None, safe_merge: bool) -> None:
+        """Merge ``adapter_names`` (default: the active ones) in every adapter layer, all or nothing."""
         if adapter_names is not None:  # names of this model's adapters, or of adapters on its layers
             in_layers = {n for _, layer in self.adapter_layers() for n in layer.adapter_names}
             unknown = [
@@ -615,6 +643,7 @@ class BaseTuner(nn.Module):
         rounding) and is a plain float model. ``requantize=True`` instead quantizes each merged weight
         again (small, quantized, but off by the rounding of the second quantization).
         """
+        self.check_can_merge(adapter_names)
         restore: list[tuple[nn.Module, str, nn.Module]] = []
         remerged: list[AdapterLayer] = []
         if not requantize:
@@ -631,6 +660,17 @@ class BaseTuner(nn.Module):
         if restore:
             forget_quantization(model)
         return model
+
+    def check_can_merge(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Raise ``ValueError`` (``cannot_merge_reason``) when the adapters (default: the active ones) do not
+        fold into the base weights. ``merge_adapter`` and ``merge_and_unload`` call it before changing
+        anything; a method made of parts overrides it to ask each part."""
+        if not self.can_merge:
+            raise ValueError(
+                self.cannot_merge_reason
+                or f"{type(self).__name__} adapters cannot be merged into the base weights "
+                f"(merge_adapter / merge_and_unload)."
+            )
 
     def _dequantize_quantized_layers(
         self,
@@ -675,6 +715,11 @@ class BaseTuner(nn.Module):
         if adapter_names is None:
             yield
             return
+        if not self.supports_mixed_batches:
+            raise ValueError(
+                self.no_mixed_batches_reason
+                or f"Mixed-adapter batches (adapter_names=...) are not supported by {type(self).__name__}."
+            )
         known = set(self.peft_config) | {"__base__"}
         unknown = sorted({n for n in adapter_names if n not in known})
         if unknown:

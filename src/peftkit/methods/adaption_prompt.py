@@ -242,6 +242,11 @@ class AdaptionPromptModel(BaseTuner):
 
     layer_cls = AdaptedAttention
     can_merge = False  # the prompt term depends on the queries (see mergeable_methods in bottleneck.py)
+    cannot_merge_reason = (
+        "Adaption prompts cannot be merged into the base weights: the prompt attention depends on each "
+        "token's query. Keep the adapter unmerged (merge_and_unload() / merge_adapter() are not available "
+        "for ADAPTION_PROMPT)."
+    )
 
     def target_names(self, config: PeftConfig, modules_to_save: Sequence[str]) -> list[str]:
         assert isinstance(config, AdaptionPromptConfig)

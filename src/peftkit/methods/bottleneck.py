@@ -651,8 +651,9 @@ class BottleneckModel(BaseTuner):
         }
 
     # ---------------------------------------------------------------------------------- merging
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
-        raise ValueError(
+    @property
+    def cannot_merge_reason(self) -> str:  # type: ignore[override]
+        return (
             "Bottleneck adapters and AdapterFusion apply a non-linear function to the activations, so they "
             "cannot be merged into the base weights (merge_adapter / merge_and_unload). Keep the adapter "
             f"model, or use a method that can merge: {', '.join(mergeable_methods())}."

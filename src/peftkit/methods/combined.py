@@ -248,6 +248,11 @@ class CombinedModel(BaseTuner):
     #: as a class: combinations in general do not merge; an instance says whether all its components do
     #: (kept up to date on every add and delete; merge_adapter checks the adapters it is asked to merge)
     can_merge = False
+    supports_mixed_batches = False
+    no_mixed_batches_reason = (
+        "Mixed-adapter batches (adapter_names=...) are not supported for combinations of methods; run one "
+        "batch per adapter."
+    )
 
     # ------------------------------------------------------------------------------ components
     @classmethod
@@ -408,9 +413,7 @@ class CombinedModel(BaseTuner):
     def on_step_end(self, global_step: int) -> None:
         """The trainer's per-step hook, passed on to the components that adapt during training (AdaLoRA)."""
         for _, _, tuner in self._chain():
-            hook = getattr(tuner, "on_step_end", None)
-            if callable(hook):
-                hook(global_step)
+            tuner.on_step_end(global_step)
 
     # ---------------------------------------------------------------------------- checkpoints
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -483,18 +486,17 @@ class CombinedModel(BaseTuner):
             stack.enter_context(super().adapters_disabled())
             yield
 
-    @contextlib.contextmanager
-    def batch_adapter_names(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
-        if adapter_names is not None:
-            raise ValueError(
-                "Mixed-adapter batches (adapter_names=...) are not supported for combinations of methods; run "
-                "one batch per adapter."
-            )
-        yield
-
     # ---------------------------------------------------------------------------------- merging
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Merge every component, which needs every component to merge and no module wrapped twice."""
+        self.check_can_merge(adapter_names)
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        internal = [i for name in names for _, i, _ in self.components_of(name)]
+        self._merge_layers(internal, safe_merge)
+
+    def check_can_merge(self, adapter_names: Sequence[str] | None = None) -> None:
+        if self.cannot_merge_reason:  # a kind of combination that never merges says why
+            raise ValueError(self.cannot_merge_reason)
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         refused = [
             f"{component!r} ({self.component_label(self.peft_config[name].components[component])})"  # type: ignore[union-attr]
@@ -514,8 +516,6 @@ class CombinedModel(BaseTuner):
                 f"Cannot merge: {nested[0]} is wrapped by two components, and merging nested adapters into one "
                 f"weight would change what the model computes. Target disjoint modules to merge."
             )
-        internal = [i for name in names for _, i, _ in self.components_of(name)]
-        super().merge_adapter(adapter_names=internal, safe_merge=safe_merge)
 
     def unload(self) -> nn.Module:
         for name in list(self.peft_config):

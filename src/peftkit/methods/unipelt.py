@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +114,7 @@ class GatedLoraModel(LoraModel):
 
     layer_cls = GatedLoraLinear
     can_merge = False
+    cannot_merge_reason = GATED_LORA_CANNOT_MERGE
 
     def create_or_update_layer(
         self, target: nn.Module, target_name: str, config: PeftConfig, adapter_name: str
@@ -135,9 +136,6 @@ class GatedLoraModel(LoraModel):
         target.update_layer(adapter_name, r, alpha, config, target_name)
         target.add_gate(adapter_name)
         return created
-
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
-        raise ValueError(GATED_LORA_CANNOT_MERGE)
 
     def gate_values(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Module path -> the last forward's gates ``(batch,)``."""
@@ -441,6 +439,10 @@ class UniPELTConfig(CombinedConfig):
 class UniPELTModel(CombinedModel):
     """A combination whose components are the gated tuners of this file; gates readable after a forward."""
 
+    cannot_merge_reason = (
+        f"UniPELT cannot be merged. {GATED_LORA_CANNOT_MERGE} (Its prefix and adapter do not merge either.)"
+    )
+
     @classmethod
     def component_tuner_cls(cls, component: str, config: PeftConfig) -> type[BaseTuner]:
         return GATED_TUNERS[str(config.peft_type)]
@@ -459,11 +461,6 @@ class UniPELTModel(CombinedModel):
             component: tuner.gate_values(internal)  # type: ignore[operator]
             for component, internal, tuner in self.components_of(name)
         }
-
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
-        raise ValueError(
-            f"UniPELT cannot be merged. {GATED_LORA_CANNOT_MERGE} (Its prefix and adapter do not merge either.)"
-        )
 
 
 register_method("UNIPELT", UniPELTConfig, UniPELTModel)

@@ -141,6 +141,15 @@ class PromptTuner(BaseTuner):
     """Generic tuner of the soft-prompt placement; methods set ``placement`` and ``build_encoder``."""
 
     can_merge = False  # virtual tokens / prefixes have no weight to fold into
+    cannot_merge_reason = (
+        "Soft prompts cannot be merged into the weights: the virtual tokens are extra inputs. Keep the "
+        "PeftModel for inference."
+    )
+    supports_mixed_batches = False
+    no_mixed_batches_reason = (
+        "Mixed-adapter batches (adapter_names=...) are not supported for soft prompts: every row of a batch "
+        "gets the same virtual tokens. Run one batch per adapter."
+    )
 
     #: ``"input_embeddings"`` (prepended to the token embeddings) or ``"attention_prefix"`` (prepended to
     #: every attention layer's keys and values through the cache)
@@ -314,15 +323,6 @@ class PromptTuner(BaseTuner):
         super().set_adapter(names)
 
     @contextlib.contextmanager
-    def batch_adapter_names(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
-        if adapter_names is not None:
-            raise ValueError(
-                "Mixed-adapter batches (adapter_names=...) are not supported for soft prompts: every row of a "
-                "batch gets the same virtual tokens. Run one batch per adapter."
-            )
-        yield
-
-    @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
         previous = self.__dict__.get("_prompts_disabled", False)
         self.__dict__["_prompts_disabled"] = True
@@ -331,16 +331,6 @@ class PromptTuner(BaseTuner):
                 yield
         finally:
             self.__dict__["_prompts_disabled"] = previous
-
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
-        raise ValueError(
-            "Soft prompts cannot be merged into the weights: the virtual tokens are extra inputs. Keep the "
-            "PeftModel for inference."
-        )
-
-    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        self.merge_adapter()
-        raise AssertionError("unreachable")
 
     # ----------------------------------------------------------------------------- checkpoints
     def saved_config_fields(self, adapter_name: str) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from torch import nn
 
 from peftkit.core.io_utils import atomic_write_text
 from peftkit.core.quantization import is_quantized_model, prepare_model_for_kbit_training
+from peftkit.core.tuner import BaseTuner
 from peftkit.train.data import (
     ROW_INPUT_OPTIONS,
     Example,
@@ -778,11 +779,10 @@ def _train(
             model, task, schedule, step, config, group, optimizer
         )
         scheduler.step()
-        # a tuner that adapts itself during training (e.g. reallocates ranks from the gradients) defines
-        # on_step_end(global_step); it runs after the optimizer step, before the gradients are cleared
-        on_step_end = getattr(peft_model.base_model, "on_step_end", None)
-        if callable(on_step_end):
-            on_step_end(step)
+        # a tuner that adapts itself during training (e.g. reallocates ranks from the gradients) does it
+        # here, after the optimizer step, before the gradients are cleared (a peer library's model: not ours)
+        if isinstance(peft_model.base_model, BaseTuner):
+            peft_model.base_model.on_step_end(step)
         optimizer.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - step_start)
         step_tokens_seen.append(step_tokens)
