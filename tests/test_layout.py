@@ -15,8 +15,8 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "peftkit"
 
 # what each layer may import from peftkit (itself always)
 ALLOWED = {
-    "core": {"core"},
-    "placements": {"core", "placements"},
+    "core": {"core", "architectures"},
+    "placements": {"core", "placements", "architectures"},
     "methods": {"core", "placements", "methods", "architectures"},
     "architectures": set(),
     "integrations": {"core"},

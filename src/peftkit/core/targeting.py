@@ -24,40 +24,10 @@ from typing import Any
 import regex
 from torch import nn
 
+from peftkit.architectures import DEFAULT_TARGET_MODULES
+
 ALL_LINEAR = "all-linear"
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
-
-# Default targets per ``model.config.model_type`` (the attention query/value projections, as in the
-# LoRA paper), matching HF PEFT's table so configs without target_modules behave the same.
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "stablelm": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_bigcode": ["c_attn"],
-    "gptj": ["q_proj", "v_proj"],
-    "gpt_neo": ["q_proj", "v_proj"],
-    "gpt_neox": ["query_key_value"],
-    "opt": ["q_proj", "v_proj"],
-    "bloom": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "distilbert": ["q_lin", "v_lin"],
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-    "bart": ["q_proj", "v_proj"],
-}
 
 
 #: Longest a user's pattern may take on one module name. Patterns come from adapter configs (untrusted

@@ -47,14 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftkit.architectures import ROTARY_QKVO_MODEL_TYPES as SUPPORTED_MODEL_TYPES
 from peftkit.core.config import PeftConfig, PeftType
 from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer
 from peftkit.core.registry import register_method
 from peftkit.core.tuner import BaseTuner
 
-#: ``model.config.model_type`` values whose attention modules have ``q_proj``/``k_proj``/``v_proj``/
-#: ``o_proj`` and rotary position embeddings passed as ``position_embeddings``.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DEFAULT_TARGET = "self_attn"
 
 

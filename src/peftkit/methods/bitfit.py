@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from peftkit.architectures import BIAS_GROUP_PATTERNS as ROLE_PATTERNS
 from peftkit.core.config import PeftConfig, PeftType
 from peftkit.core.registry import register_method
 from peftkit.core.targeting import pattern_match
@@ -77,55 +78,6 @@ class BitFitConfig(PeftConfig):
         if len(set(self.bias_groups)) != len(self.bias_groups):
             raise ValueError(f"bias_groups lists a group twice: {self.bias_groups}.")
 
-
-# Module-name patterns of the linear layers in each group, per ``model.config.model_type``: regexes that
-# must match the end of the dotted module name. Other model types use ``_fallback_group``.
-_BERT = {
-    "attention_qkv": r"attention\.self\.(query|key|value)",
-    "attention_output": r"attention\.output\.dense",
-    "mlp": r"intermediate\.dense|\d+\.output\.dense",  # the block's own output.dense, not attention's
-}
-_DECODER = {  # llama and its descendants
-    "attention_qkv": r"self_attn\.(q|k|v)_proj",
-    "attention_output": r"self_attn\.o_proj",
-    "mlp": r"mlp\.(gate|up|down)_proj",
-}
-_BART = {
-    "attention_qkv": r"(self_attn|encoder_attn)\.(q|k|v)_proj",
-    "attention_output": r"(self_attn|encoder_attn)\.out_proj",
-    "mlp": r"fc1|fc2",
-}
-_T5 = {
-    "attention_qkv": r"(SelfAttention|EncDecAttention)\.(q|k|v)",
-    "attention_output": r"(SelfAttention|EncDecAttention)\.o",
-    "mlp": r"DenseReluDense\.(wi|wi_0|wi_1|wo)",
-}
-ROLE_PATTERNS: dict[str, dict[str, str]] = {
-    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "electra"), _BERT),
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"), _DECODER),
-    **dict.fromkeys(("bart", "mbart"), _BART),
-    **dict.fromkeys(("t5", "mt5"), _T5),
-    "gpt2": {
-        "attention_qkv": r"attn\.c_attn",
-        "attention_output": r"attn\.c_proj",
-        "mlp": r"mlp\.c_(fc|proj)",
-    },
-    "opt": {
-        "attention_qkv": r"self_attn\.(q|k|v)_proj",
-        "attention_output": r"self_attn\.out_proj",
-        "mlp": r"fc1|fc2",
-    },
-    "bloom": {
-        "attention_qkv": r"self_attention\.query_key_value",
-        "attention_output": r"self_attention\.dense",
-        "mlp": r"mlp\.dense_(h_to_4h|4h_to_h)",
-    },
-    "distilbert": {
-        "attention_qkv": r"attention\.(q|k|v)_lin",
-        "attention_output": r"attention\.out_lin",
-        "mlp": r"ffn\.lin(1|2)",
-    },
-}
 
 _QKV_LEAVES = {
     *("q_proj", "k_proj", "v_proj", "qkv_proj", "qkv", "query", "key", "value", "query_key_value"),

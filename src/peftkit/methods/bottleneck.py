@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftkit.architectures import BOTTLENECK_ROLES
 from peftkit.core.checkpoint import adapter_fingerprint
 from peftkit.core.config import PeftConfig, PeftType
 from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper
@@ -77,57 +78,6 @@ ROLE_FIELDS = (
 INITS = ("zero", "houlsby")
 NON_LINEARITIES = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh}
 
-_BERT_ROLES = {
-    "attention_input": r".*\.layer\.\d+\.attention",
-    "attention_output": r".*\.layer\.\d+\.attention\.output\.dense",
-    "ffn_output": r".*\.layer\.\d+\.output\.dense",
-    "ffn_input": r".*\.layer\.\d+\.intermediate",
-}
-_LLAMA_ROLES = {
-    "attention_input": r".*\.layers\.\d+\.self_attn",
-    "attention_output": r".*\.layers\.\d+\.self_attn\.o_proj",
-    "ffn_output": r".*\.layers\.\d+\.mlp\.down_proj",
-    "ffn_input": r".*\.layers\.\d+\.mlp",
-}
-_T5_ROLES = {
-    "attention_input": r".*\.block\.\d+\.layer\.0\.SelfAttention",
-    "attention_output": r".*\.block\.\d+\.layer\.0\.SelfAttention\.o",
-    "ffn_output": r".*\.block\.\d+\.layer\.\d+\.DenseReluDense\.wo",
-    "ffn_input": r".*\.block\.\d+\.layer\.\d+\.DenseReluDense",
-}
-_OPT_ROLES = {  # OPT, and BART's encoder and decoder (self-attention only, not the decoder's cross-attention)
-    "attention_input": r".*\.layers\.\d+\.self_attn",
-    "attention_output": r".*\.layers\.\d+\.self_attn\.out_proj",
-    "ffn_output": r".*\.layers\.\d+\.fc2",
-    "ffn_input": r".*\.layers\.\d+\.fc1",
-}
-
-#: Full-match regexes of the modules each role names, keyed by ``model.config.model_type``:
-#: ``attention_output`` (the attention output projection), ``ffn_output`` (the feed-forward output
-#: projection), ``ffn_input`` (the module whose input is the feed-forward sub-layer's input) and
-#: ``attention_input`` (the module whose input is the self-attention sub-layer's input).
-BOTTLENECK_ROLES: dict[str, dict[str, str]] = {
-    "bert": _BERT_ROLES,
-    "roberta": _BERT_ROLES,
-    "xlm-roberta": _BERT_ROLES,
-    "electra": _BERT_ROLES,
-    "gpt2": {
-        "attention_output": r".*\.h\.\d+\.attn\.c_proj",
-        "ffn_output": r".*\.h\.\d+\.mlp\.c_proj",
-        "ffn_input": r".*\.h\.\d+\.mlp",
-        "attention_input": r".*\.h\.\d+\.attn",
-    },
-    "llama": _LLAMA_ROLES,
-    "mistral": _LLAMA_ROLES,
-    "qwen2": _LLAMA_ROLES,
-    "qwen3": _LLAMA_ROLES,
-    "gemma": _LLAMA_ROLES,
-    "t5": _T5_ROLES,
-    "mt5": _T5_ROLES,
-    "opt": _OPT_ROLES,
-    "bart": _OPT_ROLES,
-    "mbart": _OPT_ROLES,
-}
 
 #: which roles carry an adapter in each style (parallel adapters also read the ``ffn_input`` role); with
 #: ``parallel_placement`` other than ``"ffn"`` see :data:`PARALLEL_PLACEMENTS`

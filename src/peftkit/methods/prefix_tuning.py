@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.architectures import ENCODER_ATTENTION, EncoderAttention
 from peftkit.core.config import PeftConfig, PeftType
 from peftkit.core.registry import register_method
 from peftkit.placements.prompt import (
@@ -131,22 +132,6 @@ class EncoderDecoderPrefix(nn.Module):
         return self.decoder()
 
 
-@dataclass(frozen=True)
-class EncoderAttention:
-    """How one architecture's encoder self-attention modules are called (transformers 5.x)."""
-
-    module_name: str  # the last path component of each encoder layer's self-attention module
-    mask_arg: str  # the keyword its layer passes the attention mask under
-    heads_attr: str
-    head_dim_attr: str
-    relative_bias: bool  # T5: the first layer computes a relative position bias over all keys
-
-
-_T5 = EncoderAttention("SelfAttention", "mask", "n_heads", "key_value_proj_dim", relative_bias=True)
-_BART = EncoderAttention("self_attn", "attention_mask", "num_heads", "head_dim", relative_bias=False)
-#: architectures whose encoder can take a prefix (keyed by ``model.config.model_type``)
-#: (mBART's encoder attention has no layer_idx, so it cannot read a cache: not supported)
-ENCODER_ATTENTION: dict[str, EncoderAttention] = {"t5": _T5, "mt5": _T5, "bart": _BART}
 #: attention implementations whose masks the hooks know how to extend (flex attention's block masks are not
 #: tensors; flash attention is untested)
 ENCODER_PREFIX_ATTENTION = ("eager", "sdpa")

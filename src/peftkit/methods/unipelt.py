@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.architectures import ATTENTION_MODULES
 from peftkit.core.config import PeftConfig, PeftType
 from peftkit.core.layer import AdapterLayer, linear_fan_in_fan_out
 from peftkit.core.registry import register_method
@@ -202,23 +203,6 @@ class GatedBottleneckModel(BottleneckModel):
 
 
 # ------------------------------------------------------------------------------------ prefix
-_BERT_ATTENTION = r".*\.layer\.\d+\.attention\.self"
-_LLAMA_ATTENTION = r".*\.layers\.\d+\.self_attn"
-
-#: the attention module of each block, whose input the prefix gate reads and whose cache layer it scales
-#: (full-match regexes keyed by ``model.config.model_type``)
-ATTENTION_MODULES: dict[str, str] = {
-    "bert": _BERT_ATTENTION,
-    "roberta": _BERT_ATTENTION,
-    "xlm-roberta": _BERT_ATTENTION,
-    "electra": _BERT_ATTENTION,
-    "gpt2": r".*\.h\.\d+\.attn",
-    "llama": _LLAMA_ATTENTION,
-    "mistral": _LLAMA_ATTENTION,
-    "qwen2": _LLAMA_ATTENTION,
-    "qwen3": _LLAMA_ATTENTION,
-    "gemma": _LLAMA_ATTENTION,
-}
 
 
 class GatedPrefixTuningModel(PrefixTuningModel):
