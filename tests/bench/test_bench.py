@@ -9,18 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_fixtures import build_tokenizer, classification_config
+from cli_fixtures import REPO, classification_config
 from transformers import AutoModelForSequenceClassification
 
 from peftkit.bench.report import write_report
 from peftkit.bench.runner import deep_merge, expand, load_spec, rebuild_report
 from peftkit.cli import main
 from peftkit.train.runconfig import RunConfigError
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def write_spec(tmp_path: Path, tokenizer_dir: str, **extra) -> str:
@@ -122,7 +117,7 @@ def test_deep_merge_replaces_values_and_lists_and_merges_mappings():
     assert base["train"]["lr"] == 1.0
 
 
-PEER = str(Path(__file__).resolve().parent.parent / "benchmarks" / "hf_peft_peer.py")
+PEER = str(REPO / "benchmarks" / "hf_peft_peer.py")
 
 
 def test_peer_column_runs_the_same_grid_point_with_hf_peft_and_gets_the_same_numbers(tmp_path, tokenizer_dir):
@@ -227,12 +222,12 @@ def test_report_aggregates_seeds_and_lays_out_peer_precision_and_size_tables(tmp
 
 @pytest.mark.parametrize(
     "spec_path",
-    sorted(str(p) for p in (Path(__file__).resolve().parent.parent / "examples").glob("bench*.yaml"))
-    + sorted(str(p) for p in (Path(__file__).resolve().parent.parent / "docs" / "benchmarks").glob("*.yaml")),
+    sorted(str(p) for p in (REPO / "examples").glob("bench*.yaml"))
+    + sorted(str(p) for p in (REPO / "docs" / "benchmarks").glob("*.yaml")),
 )
 def test_shipped_bench_specs_expand_into_valid_run_configs(spec_path, monkeypatch):
     """Every spec in the repository (examples/, docs/benchmarks/) checks out as run configs."""
-    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # their paths are relative to the root
+    monkeypatch.chdir(REPO)  # their paths are relative to the root
     runs = expand(load_spec(spec_path, allow_code=True))  # the published specs name the HF PEFT peer
     assert runs and len({r.run_id for r in runs}) == len(runs)
 

@@ -14,7 +14,6 @@ import torch
 from cli_fixtures import (
     PYTHON,
     SENTIMENT,
-    build_tokenizer,
     classification_config,
     cli_env,
     instruction_config,
@@ -26,11 +25,6 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.cli import main
 from peftkit.train.data import collate, read_rows
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def run_cli(args: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:

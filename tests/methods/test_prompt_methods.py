@@ -343,7 +343,7 @@ def test_text_init_without_tokenizer_or_text() -> None:
 
 
 def test_models_without_the_needed_structure_are_clear_errors() -> None:
-    # (encoder-decoder models are supported: tests/test_prompt_seq2seq.py)
+    # (encoder-decoder models are supported: tests/methods/test_prompt_seq2seq.py)
     with pytest.raises(ValueError, match="transformers config or input embeddings"):
         get_peft_model(
             torch.nn.Sequential(torch.nn.Linear(4, 4)), peftkit.PrefixTuningConfig(num_virtual_tokens=2)

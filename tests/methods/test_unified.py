@@ -1,7 +1,7 @@
 """Combinations of methods (methods/combined.py), MAM Adapter (mam.py) and UniPELT (unipelt.py).
 
 The generic promises (fresh output, trainability, exact save/load, disabling, deleting) are in
-tests/test_conformance.py; here: UniPELT's gates against hand computations, the on-disk format and its
+tests/methods/test_conformance.py; here: UniPELT's gates against hand computations, the on-disk format and its
 placement order, per-component parameter counts against hand-computed numbers, merge refusals, a few
 training steps, generation, and the errors for bad combinations.
 """

@@ -10,6 +10,7 @@ import sys
 import peft
 import pytest
 import torch
+from cli_fixtures import REPO
 from tiny_models import tiny_llama
 from transformers import (
     BertConfig,
@@ -130,12 +131,11 @@ def test_inspect_missing_folder_is_a_clean_error(tmp_path) -> None:
 def test_split_seed_fixes_the_validation_draw_across_training_seeds():
     """``data.split_seed`` keeps one validation split for every training seed (a benchmark's seeds then
     differ in initialisation and order only); without it the split follows the training seed."""
-    from pathlib import Path
 
     from peftkit.train.data import load_splits
     from peftkit.train.runconfig import DataSection
 
-    train = str(Path(__file__).resolve().parent.parent / "examples" / "data" / "sentiment" / "train.csv")
+    train = str(REPO / "examples" / "data" / "sentiment" / "train.csv")
     fixed = DataSection(train=train, validation_split=0.25, split_seed=7)
     follows = DataSection(train=train, validation_split=0.25)
     val_a = load_splits(fixed, seed=0)[1]

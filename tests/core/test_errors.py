@@ -587,7 +587,7 @@ def test_safe_merge_with_nan_in_second_active_adapter_unmerges_the_first() -> No
 def test_methods_without_quantized_support_refuse_bitsandbytes_layers(tmp_path, bits):
     """A 4-bit / 8-bit linear holds packed integers: wrapping it as a float linear would compute nonsense,
     so a method that does not support quantized layers says so, and the model is left as it was. (LoRA and
-    IA3 support them, tests/test_qlora.py; the tuner here is LoRA's with the support switched off, which
+    IA3 support them, tests/methods/test_qlora.py; the tuner here is LoRA's with the support switched off, which
     is what a method that does not declare it gets.)"""
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig

@@ -144,7 +144,7 @@ CASES = [
     ),
 ]
 
-# In-place methods (they train some of the model's own parameters; see tests/test_selective.py). BitFit
+# In-place methods (they train some of the model's own parameters; see tests/methods/test_selective.py). BitFit
 # keeps a copy of the original biases, so disabling and deleting give the base model back.
 CASES += [
     Case(
@@ -274,7 +274,7 @@ CASES += [
 ]
 # Methods that cannot wrap a bare model, with the file that tests their promises instead: a fusion needs
 # trained adapters to fuse.
-COVERED_ELSEWHERE = {"ADAPTER_FUSION": "tests/test_bottleneck_fusion.py"}
+COVERED_ELSEWHERE = {"ADAPTER_FUSION": "tests/methods/test_bottleneck_fusion.py"}
 
 
 # Soft prompts (virtual tokens / key-value prefixes): they change the output from the start and cannot merge.

@@ -31,7 +31,7 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from cli_fixtures import PYTHON, build_tokenizer, cli_env, tiny_bert_config, write_config  # noqa: E402
+from cli_fixtures import PYTHON, REPO, build_tokenizer, cli_env, tiny_bert_config, write_config  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tiny_models import llama_for_4bit  # noqa: E402
 from transformers import (  # noqa: E402
@@ -303,8 +303,8 @@ def test_cli_train_in_4bit(tmp_path):
         },
         "method": {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]},
         "data": {
-            "train": str(Path(__file__).resolve().parent.parent / "examples/data/sentiment/train.csv"),
-            "validation": str(Path(__file__).resolve().parent.parent / "examples/data/sentiment/test.csv"),
+            "train": str(REPO / "examples/data/sentiment/train.csv"),
+            "validation": str(REPO / "examples/data/sentiment/test.csv"),
             "max_train_samples": 32,
             "max_eval_samples": 16,
             "max_length": 32,

@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_fixtures import PYTHON, build_tokenizer, cli_env, tiny_bert_config, write_config
+from cli_fixtures import PYTHON, REPO, build_tokenizer, cli_env, tiny_bert_config, write_config
 
 from peftkit.bench.runner import load_spec
 from peftkit.train.models import resolve_model_path
 from peftkit.train.runconfig import RunConfigError
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = REPO / "examples"
 
 
 def plant(folder: Path, name: str, marker: Path, as_package: bool) -> None:

@@ -4,8 +4,8 @@ Data files in the shapes real exports take: a CSV with a UTF-8 byte-order mark (
 is not rows, JSONL with a line that is not an object, a row without the label column, a label cell that
 is empty, a validation label the training data lacks, all fail before the output folder is created, in
 one line that names the file or row. (Settings out of range, an output folder that is a file and
-``num_labels: 0``: tests/test_reliability_lost_work.py. The log after a resume:
-tests/test_train_cli.py::test_sigkill_and_resume_reproduce_an_uninterrupted_run_bitwise.)
+``num_labels: 0``: tests/reliability/test_reliability_lost_work.py. The log after a resume:
+tests/train/test_train_cli.py::test_sigkill_and_resume_reproduce_an_uninterrupted_run_bitwise.)
 """
 
 from __future__ import annotations

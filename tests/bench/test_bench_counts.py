@@ -430,7 +430,7 @@ CASES = _cases()
 
 def test_every_registered_method_has_a_hand_count() -> None:
     missing = set(peftkit.registered_methods()) - {c.peft_type for c in CASES}
-    assert not missing, f"add hand-counted cases to tests/test_bench_counts.py for {sorted(missing)}"
+    assert not missing, f"add hand-counted cases to tests/bench/test_bench_counts.py for {sorted(missing)}"
 
 
 def _safetensors_header_length(path: Path) -> int:
