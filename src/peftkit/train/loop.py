@@ -673,6 +673,33 @@ def output_dir_lock(output_dir: str) -> Iterator[None]:
         os.close(fd)
 
 
+@dataclass
+class _Run:
+    """What the steps of one run share: set up by :func:`_start`, advanced by :func:`_train_steps`."""
+
+    config: RunConfig
+    group: ProcessGroup
+    say: Callable[..., None]
+    task: Task
+    peft_model: nn.Module
+    model: nn.Module  # peft_model, or its DDP / FSDP2 wrapping
+    schedule: Schedule
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    trainer_state: dict[str, Any]
+    stale: list[str]  # an earlier run's checkpoints, replaced once this run writes one
+    trainable: int
+    total: int
+    metrics_before: dict[str, float] = field(default_factory=dict)
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)  # this process's steps (after a resume: the rest)
+    step_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.trainer_state["history"]
+
+
 def _train(
     config: RunConfig,
     resume: bool,
@@ -680,9 +707,16 @@ def _train(
     group: Any,
     started: float,
 ) -> dict[str, Any]:
-    from tqdm.auto import tqdm
+    run = _start(config, resume, wrap, group)
+    _evaluate_before(run)
+    _train_steps(run)
+    return _finish(run, started)
 
-    fsdp = config.train.fsdp
+
+def _start(
+    config: RunConfig, resume: bool, wrap: Callable[[nn.Module, Any], nn.Module] | None, group: Any
+) -> _Run:
+    """Data, model, schedule, optimizer; the last checkpoint's state when resuming; the run's first lines."""
     output_dir = config.output_dir
     say = print if group.is_main else (lambda *a, **k: None)
 
@@ -717,11 +751,11 @@ def _train(
         say(f"no complete checkpoint in {output_dir}; starting from the beginning.")
 
     peft_model.to(group.device)
-    model = wrap_for_processes(peft_model, group, fsdp)
+    model = wrap_for_processes(peft_model, group, config.train.fsdp)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, schedule.total_steps)
     if training_state is not None:
-        _load_optimizer_state(optimizer, training_state["optimizer"], fsdp)
+        _load_optimizer_state(optimizer, training_state["optimizer"], config.train.fsdp)
         scheduler.load_state_dict(training_state["scheduler"])
         rng_states = training_state["rng"]
         _set_rng_state(rng_states[group.rank] if group.rank < len(rng_states) else rng_states[0])
@@ -730,31 +764,56 @@ def _train(
         random.seed(config.train.seed + group.rank)
 
     trainable, total = _count(peft_model)
-    history: list[dict[str, Any]] = trainer_state["history"]
     if group.is_main:
         os.makedirs(output_dir, exist_ok=True)
         atomic_write_text(os.path.join(output_dir, "run_config.yaml"), dump_run_config(config))
-        write_jsonl(os.path.join(output_dir, LOG_FILE), history)
+        write_jsonl(os.path.join(output_dir, LOG_FILE), trainer_state["history"])
     say(
         f"data: {len(task.train_examples)} train / {len(task.eval_examples)} validation examples; "
         f"{schedule.total_steps} steps of {schedule.global_batch} examples on {group.world_size} process(es)"
-        + (" with FSDP2" if fsdp else "")
+        + (" with FSDP2" if config.train.fsdp else "")
     )
     say(
         f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
     )
     if task.labels.names is not None:
         say(task.labels.describe())
+    return _Run(
+        config,
+        group,
+        say,
+        task,
+        peft_model,
+        model,
+        schedule,
+        optimizer,
+        scheduler,
+        trainer_state,
+        stale,
+        trainable,
+        total,
+        metrics_before=trainer_state.get("metrics_before", {}),
+    )
 
-    start_step = trainer_state["global_step"]
-    metrics_before: dict[str, float] = trainer_state.get("metrics_before", {})
-    if start_step == 0 and config.train.eval_before and task.eval_examples:
-        metrics_before = evaluate(model, task, config.train.eval_batch_size, group.device)
-        trainer_state["metrics_before"] = metrics_before
-        say(f"before training: {_format_metrics(metrics_before)}")
 
+def _evaluate_before(run: _Run) -> None:
+    """The validation metrics of the untrained adapter (once, not again after a resume)."""
+    config, task = run.config, run.task
+    if run.trainer_state["global_step"] == 0 and config.train.eval_before and task.eval_examples:
+        run.metrics_before = evaluate(run.model, task, config.train.eval_batch_size, run.group.device)
+        run.trainer_state["metrics_before"] = run.metrics_before
+        run.say(f"before training: {_format_metrics(run.metrics_before)}")
+
+
+def _train_steps(run: _Run) -> None:
+    """The optimizer steps from the current one to the end: log windows, evaluations and checkpoints."""
+    from tqdm.auto import tqdm
+
+    config, task, schedule, group = run.config, run.task, run.schedule, run.group
+    history = run.history
     eval_every = config.train.eval_every or schedule.steps_per_epoch
     save_every = config.train.save_every or schedule.steps_per_epoch
+    start_step = run.trainer_state["global_step"]
     bar = tqdm(
         total=schedule.total_steps,
         initial=start_step,
@@ -763,30 +822,27 @@ def _train(
         dynamic_ncols=True,
         file=sys.stderr,
     )
-    model.train()
+    run.model.train()
     # the open logging window (steps since the last train record) travels in checkpoints, so a resumed
     # run logs the same window losses as an uninterrupted one
-    window = trainer_state.get("log_window", {})
+    window = run.trainer_state.get("log_window", {})
     logged_loss, logged_units = float(window.get("loss", 0.0)), int(window.get("units", 0))
     logged_tokens, logged_seconds = int(window.get("tokens", 0)), float(window.get("seconds", 0.0))
-    last_metrics: dict[str, float] = {}
     kill_after = os.environ.get(KILL_AFTER_STEP_ENV)
-    step_seconds: list[float] = []  # this process's steps (after a resume: the resumed part)
-    step_tokens_seen: list[int] = []
     for step in range(start_step, schedule.total_steps):
         step_start = time.perf_counter()
         step_loss, step_units, step_tokens = _train_step(
-            model, task, schedule, step, config, group, optimizer
+            run.model, task, schedule, step, config, group, run.optimizer
         )
-        scheduler.step()
+        run.scheduler.step()
         # a tuner that adapts itself during training (e.g. reallocates ranks from the gradients) does it
         # here, after the optimizer step, before the gradients are cleared (a peer library's model: not ours)
-        if isinstance(peft_model.base_model, BaseTuner):
-            peft_model.base_model.on_step_end(step)
-        optimizer.zero_grad(set_to_none=True)
-        step_seconds.append(time.perf_counter() - step_start)
-        step_tokens_seen.append(step_tokens)
-        logged_seconds += step_seconds[-1]
+        if isinstance(run.peft_model.base_model, BaseTuner):
+            run.peft_model.base_model.on_step_end(step)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step_seconds.append(time.perf_counter() - step_start)
+        run.step_tokens.append(step_tokens)
+        logged_seconds += run.step_seconds[-1]
         done = step + 1
         logged_loss += step_loss
         logged_units += step_units
@@ -797,7 +853,7 @@ def _train(
                 "step": done,
                 "epoch": round(done / schedule.steps_per_epoch, 4),
                 "loss": logged_loss / max(logged_units, 1),
-                "lr": scheduler.get_last_lr()[0],
+                "lr": run.scheduler.get_last_lr()[0],
                 "tokens_per_s": logged_tokens / logged_seconds if logged_seconds > 0 else 0.0,
             }
             history.append(record)
@@ -806,65 +862,72 @@ def _train(
             )
             logged_loss, logged_units, logged_tokens, logged_seconds = 0.0, 0, 0, 0.0
         if task.eval_examples and (done % eval_every == 0 or done == schedule.total_steps):
-            last_metrics = evaluate(model, task, config.train.eval_batch_size, group.device)
+            run.last_metrics = evaluate(run.model, task, config.train.eval_batch_size, group.device)
             history.append(
-                {"kind": "eval", "step": done, **{f"eval_{k}": v for k, v in last_metrics.items()}}
+                {"kind": "eval", "step": done, **{f"eval_{k}": v for k, v in run.last_metrics.items()}}
             )
             if group.is_main:
-                bar.write(f"step {done}: {_format_metrics(last_metrics)}")
+                bar.write(f"step {done}: {_format_metrics(run.last_metrics)}")
         bar.update(1)
         if done % save_every == 0 or done == schedule.total_steps:
-            trainer_state["global_step"] = done
-            trainer_state["history"] = history
-            trainer_state["log_window"] = {
+            run.trainer_state["global_step"] = done
+            run.trainer_state["log_window"] = {
                 "loss": logged_loss,
                 "units": logged_units,
                 "tokens": logged_tokens,
                 "seconds": logged_seconds,
             }
             save_checkpoint(
-                output_dir,
+                config.output_dir,
                 done,
-                peft_model,
-                model,
-                optimizer,
-                scheduler,
-                trainer_state,
+                run.peft_model,
+                run.model,
+                run.optimizer,
+                run.scheduler,
+                run.trainer_state,
                 group,
-                fsdp,
+                config.train.fsdp,
                 config.train.save_total_limit,
-                replaces=stale,
+                replaces=run.stale,
             )
-            stale = []
+            run.stale = []
             if group.is_main:
-                write_jsonl(os.path.join(output_dir, LOG_FILE), history)
+                write_jsonl(os.path.join(config.output_dir, LOG_FILE), history)
         if kill_after == str(done):
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
 
-    if not last_metrics and task.eval_examples:
-        last_metrics = evaluate(model, task, config.train.eval_batch_size, group.device)
-    peft_model.save_pretrained(output_dir, is_main_process=group.is_main)
+
+def _finish(run: _Run, started: float) -> dict[str, Any]:
+    """The final evaluation, the adapter, the summary, the log and the loss plot."""
+    config, task, group = run.config, run.task, run.group
+    output_dir = config.output_dir
+    if not run.last_metrics and task.eval_examples:
+        run.last_metrics = evaluate(run.model, task, config.train.eval_batch_size, group.device)
+    run.peft_model.save_pretrained(output_dir, is_main_process=group.is_main)
+    history = run.history
     summary = {
         "method": str(config.method.get("name")),
-        "trainable_params": trainable,
-        "all_params": total,
-        "steps": schedule.total_steps,
+        "trainable_params": run.trainable,
+        "all_params": run.total,
+        "steps": run.schedule.total_steps,
         "processes": group.world_size,
         "seconds": time.perf_counter() - started,
         "peak_memory_bytes": peak_memory_bytes(group.device),
-        "metrics_before": metrics_before,
-        "metrics": last_metrics,
+        "metrics_before": run.metrics_before,
+        "metrics": run.last_metrics,
         "final_train_loss": next((r["loss"] for r in reversed(history) if r["kind"] == "train"), None),
-        "median_step_seconds": statistics.median(step_seconds) if step_seconds else None,
-        "tokens_per_second": sum(step_tokens_seen) / sum(step_seconds) if step_seconds else None,
+        "median_step_seconds": statistics.median(run.step_seconds) if run.step_seconds else None,
+        "tokens_per_second": sum(run.step_tokens) / sum(run.step_seconds) if run.step_seconds else None,
     }
     if group.is_main:
         write_jsonl(os.path.join(output_dir, LOG_FILE), history)
         atomic_write_text(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=1))
         plot_losses(os.path.join(output_dir, "loss.png"), history)
-        say(f"after training:  {_format_metrics(last_metrics)}" if last_metrics else "training done")
-        say(
+        run.say(
+            f"after training:  {_format_metrics(run.last_metrics)}" if run.last_metrics else "training done"
+        )
+        run.say(
             f"saved adapter to {output_dir} (adapter_config.json, adapter_model.safetensors; log {LOG_FILE}, "
             f"loss.png, summary.json); {summary['seconds']:.1f} s, peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB"
         )
