@@ -21,15 +21,16 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from peftkit.core.io_utils import atomic_write
+from peftkit.core.layer import BASE_ADAPTER_NAME, SAVED_PREFIX
 
 if TYPE_CHECKING:
     from peftkit.core.peft_model import PeftModel
 
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
+PREFIX = SAVED_PREFIX
 _ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-RESERVED_ADAPTER_NAMES = {"__base__"}
+RESERVED_ADAPTER_NAMES = {BASE_ADAPTER_NAME}
 
 
 def validate_adapter_name(

@@ -14,6 +14,7 @@ def inspect_adapter(folder: str) -> dict[str, Any]:
 
     from peftkit.core.checkpoint import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_adapter_weights
     from peftkit.core.config import CONFIG_NAME, PeftConfig
+    from peftkit.core.layer import SAVED_PREFIX
     from peftkit.core.registry import get_method
 
     config_path = os.path.join(folder, CONFIG_NAME)
@@ -66,7 +67,7 @@ def inspect_adapter(folder: str) -> dict[str, Any]:
             prefix, part_containers_list = parts[part]
             part_counts[part] += numel
             local, part_containers, shown = key.removeprefix(prefix), set(part_containers_list), prefix
-        segments = local.removeprefix("base_model.model.").split(".")
+        segments = local.removeprefix(SAVED_PREFIX).split(".")
         cut = next((i for i, seg in enumerate(segments) if seg in part_containers), None)
         if cut is None:
             other[key] = numel

@@ -31,6 +31,14 @@ from peftkit.core.quantization import (
 )
 
 BASE_ADAPTER_NAME = "__base__"  # the row label for "no adapter" in mixed-adapter batches
+SAVED_PREFIX = "base_model.model."  # on-disk names of adapter tensors start with this (HF PEFT's layout)
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an adapter's parameters are created in on a base layer of ``base_dtype``: float32 over
+    half-precision or quantized bases, so that training is stable (HF PEFT's ``autocast_adapter_dtype``),
+    else the base's own."""
+    return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class AdapterLayer(nn.Module):

@@ -28,7 +28,7 @@ from peftkit.core.checkpoint import (
     validate_adapter_name,
 )
 from peftkit.core.config import CONFIG_NAME, PeftConfig, TaskType
-from peftkit.core.layer import AdapterLayer
+from peftkit.core.layer import SAVED_PREFIX, AdapterLayer
 from peftkit.core.registry import get_method
 from peftkit.core.targeting import name_matches
 from peftkit.core.tuner import BaseTuner, count_parameters
@@ -311,9 +311,7 @@ class PeftModel(nn.Module):
                 and module in embeddings
                 and adapter_name in module.adapter_names
             ):
-                tensors[f"base_model.model.{path}.base_layer.weight"] = (
-                    module.get_base_layer().weight.detach()
-                )
+                tensors[f"{SAVED_PREFIX}{path}.base_layer.weight"] = module.get_base_layer().weight.detach()
         return tensors
 
     def _saved_config_fields(self, adapter_name: str) -> dict[str, Any]:

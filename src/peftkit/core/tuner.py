@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from peftkit.core.config import PeftConfig
-from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper
+from peftkit.core.layer import BASE_ADAPTER_NAME, SAVED_PREFIX, AdapterLayer, ModulesToSaveWrapper
 from peftkit.core.quantization import (
     dequantized_linear,
     forget_quantization,
@@ -35,8 +35,6 @@ from peftkit.core.quantization import (
     resume_cpu_repacking,
 )
 from peftkit.core.targeting import find_target_names, name_matches
-
-SAVED_PREFIX = "base_model.model."  # on-disk names of adapter tensors start with this (HF PEFT's layout)
 
 
 def split_module_name(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
@@ -720,7 +718,7 @@ class BaseTuner(nn.Module):
                 self.no_mixed_batches_reason
                 or f"Mixed-adapter batches (adapter_names=...) are not supported by {type(self).__name__}."
             )
-        known = set(self.peft_config) | {"__base__"}
+        known = set(self.peft_config) | {BASE_ADAPTER_NAME}
         unknown = sorted({n for n in adapter_names if n not in known})
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {sorted(known)}.")

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from peftkit.core.config import PeftConfig, PeftType
-from peftkit.core.layer import AdapterLayer
+from peftkit.core.layer import SAVED_PREFIX, AdapterLayer
 from peftkit.core.registry import register_method
 from peftkit.core.tuner import BaseTuner
 from peftkit.methods.lora import LoraConfig
@@ -390,7 +390,7 @@ class AdaLoraModel(BaseTuner):
         for path, kept in pattern.items():
             keep = torch.tensor(kept, dtype=torch.bool)
             for kind, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
-                key = f"base_model.model.{path}.{kind}"
+                key = f"{SAVED_PREFIX}{path}.{kind}"
                 if key in tensors and tensors[key].shape[dim] != int(keep.sum()):
                     tensor = tensors[key]
                     tensors[key] = (

@@ -63,7 +63,7 @@ from torch import nn
 from peftkit.architectures import BOTTLENECK_ROLES
 from peftkit.core.checkpoint import adapter_fingerprint
 from peftkit.core.config import PeftConfig, PeftType
-from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper
+from peftkit.core.layer import AdapterLayer, ModulesToSaveWrapper, adapter_dtype
 from peftkit.core.registry import get_method, register_method, registered_methods
 from peftkit.core.targeting import name_matches
 from peftkit.core.tuner import BaseTuner
@@ -225,11 +225,6 @@ def _features(module: nn.Module, side: str) -> int:
     return last.out_features if isinstance(last, nn.Linear) else last.nf
 
 
-def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    # adapters train in float32 over half-precision bases
-    return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
-
-
 class BottleneckLayer(AdapterLayer):
     """Wraps a sub-layer's output module; adds each active adapter's output to the module's output.
 
@@ -264,7 +259,7 @@ class BottleneckLayer(AdapterLayer):
     ) -> None:
         size = config.bottleneck_size or max(1, round(in_features / config.reduction_factor))
         ref = self._reference_parameter()
-        kwargs = {"device": ref.device, "dtype": _adapter_dtype(ref.dtype)}
+        kwargs = {"device": ref.device, "dtype": adapter_dtype(ref.dtype)}
         down = nn.Linear(in_features, size, **kwargs)  # weight: torch's default (Kaiming-uniform) init
         up = nn.Linear(size, out_features, **kwargs)
         with torch.no_grad():

@@ -34,7 +34,7 @@ from torch import nn
 
 from peftkit.architectures import IA3_DEFAULT_FEEDFORWARD_MODULES, IA3_DEFAULT_TARGET_MODULES
 from peftkit.core.config import PeftConfig, PeftType
-from peftkit.core.layer import AdapterLayer, linear_fan_in_fan_out
+from peftkit.core.layer import AdapterLayer, adapter_dtype, linear_fan_in_fan_out
 from peftkit.core.registry import register_method
 from peftkit.core.targeting import pattern_match
 from peftkit.core.tuner import BaseTuner
@@ -109,11 +109,6 @@ def is_feedforward_module(module_name: str, feedforward_modules: list[str] | str
     return any(module_name.endswith(m) for m in feedforward_modules)
 
 
-def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    # Vectors train in float32 over half-precision bases (HF PEFT's autocast_adapter_dtype).
-    return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
-
-
 class IA3Layer(AdapterLayer):
     """The vectors of each adapter and, per adapter, whether it scales this layer's input or output.
 
@@ -143,7 +138,7 @@ class IA3Layer(AdapterLayer):
         if init_ia3_weights:
             vector = torch.ones_like(vector)
         self.ia3_l[adapter_name] = nn.Parameter(
-            vector.to(device=weight.device, dtype=_adapter_dtype(weight.dtype))
+            vector.to(device=weight.device, dtype=adapter_dtype(weight.dtype))
         )
         self.is_feedforward[adapter_name] = is_feedforward
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from peftkit.core.checkpoint import validate_adapter_name
 from peftkit.core.config import PeftConfig, PeftType
-from peftkit.core.layer import AdapterLayer, linear_fan_in_fan_out
+from peftkit.core.layer import AdapterLayer, adapter_dtype, linear_fan_in_fan_out
 from peftkit.core.merge import combine_cat, combine_linear, combine_svd
 from peftkit.core.registry import register_method
 from peftkit.core.targeting import per_module_value
@@ -138,11 +138,6 @@ def _pissa_niter(init: Any) -> int | None:
         if suffix.isdigit():
             return int(suffix)
     return None
-
-
-def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    # Adapters train in float32 over half-precision or quantized bases (HF PEFT's autocast_adapter_dtype).
-    return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class DoraMagnitude(nn.Module):
@@ -330,7 +325,7 @@ class Linear(LoraLayer):
 
     def create_factors(self, adapter_name: str, r: int) -> None:
         base_weight = self.get_base_layer().weight
-        kwargs = {"device": base_weight.device, "dtype": _adapter_dtype(base_weight.dtype)}
+        kwargs = {"device": base_weight.device, "dtype": adapter_dtype(base_weight.dtype)}
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kwargs)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **kwargs)
 
@@ -587,7 +582,7 @@ class Embedding(LoraLayer):
 
     def create_factors(self, adapter_name: str, r: int) -> None:
         base = self.get_base_layer()
-        kwargs = {"device": base.weight.device, "dtype": _adapter_dtype(base.weight.dtype)}
+        kwargs = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, base.num_embeddings, **kwargs))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(base.embedding_dim, r, **kwargs))
 
@@ -645,7 +640,7 @@ class Conv2d(LoraLayer):
         base = self.get_base_layer()
         if base.groups != 1:
             raise ValueError(f"LoRA on grouped convolutions (groups={base.groups}) is not supported.")
-        kwargs = {"device": base.weight.device, "dtype": _adapter_dtype(base.weight.dtype)}
+        kwargs = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
         self.lora_A[adapter_name] = nn.Conv2d(
             base.in_channels,
             r,
