@@ -43,6 +43,15 @@ def _compile(pattern: str) -> Any:
         raise ValueError(f"{pattern!r} is not a valid regular expression ({err}).") from None
 
 
+def check_module_names(field: str, value: Any, allow_empty: bool = False) -> None:
+    """The checks every method's ``target_modules``-like field shares: a list or a string (a set or tuple
+    would not serialise reproducibly: ``TypeError``), and not an empty list unless ``allow_empty``."""
+    if isinstance(value, (set, tuple)):
+        raise TypeError(f"{field} must be a list or a string (sets do not serialise reproducibly).")
+    if not allow_empty and isinstance(value, list) and not value:
+        raise ValueError(f"{field} is an empty list; name at least one module or use 'all-linear'.")
+
+
 def pattern_match(pattern: str, text: str, how: str = "fullmatch") -> Any:
     """``re.<how>(pattern, text)`` (``how`` is ``fullmatch``, ``match`` or ``search``) for a pattern from
     a config, bounded in time: a pattern that takes longer than :data:`REGEX_TIMEOUT_S` on a name raises

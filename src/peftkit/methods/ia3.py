@@ -36,7 +36,7 @@ from peftkit.architectures import IA3_DEFAULT_FEEDFORWARD_MODULES, IA3_DEFAULT_T
 from peftkit.core.config import PeftConfig, PeftType
 from peftkit.core.layer import AdapterLayer, adapter_dtype, linear_fan_in_fan_out
 from peftkit.core.registry import register_method
-from peftkit.core.targeting import pattern_match
+from peftkit.core.targeting import check_module_names, pattern_match
 from peftkit.core.tuner import BaseTuner
 
 
@@ -80,10 +80,7 @@ class IA3Config(PeftConfig):
 
     def validate(self) -> None:
         for name in ("target_modules", "exclude_modules", "feedforward_modules"):
-            if isinstance(getattr(self, name), (set, tuple)):
-                raise TypeError(f"{name} must be a list or a string (sets do not serialise reproducibly).")
-        if isinstance(self.target_modules, list) and not self.target_modules:
-            raise ValueError("target_modules is an empty list; name at least one module or use 'all-linear'.")
+            check_module_names(name, getattr(self, name), allow_empty=name != "target_modules")
         for name in ("init_ia3_weights", "fan_in_fan_out"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False.")

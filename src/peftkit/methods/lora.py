@@ -40,7 +40,7 @@ from peftkit.core.config import PeftConfig, PeftType
 from peftkit.core.layer import AdapterLayer, adapter_dtype, linear_fan_in_fan_out
 from peftkit.core.merge import combine_cat, combine_linear, combine_svd
 from peftkit.core.registry import register_method
-from peftkit.core.targeting import per_module_value
+from peftkit.core.targeting import check_module_names, per_module_value
 from peftkit.core.tuner import SAVED_PREFIX, BaseTuner
 from peftkit.methods.lora_ops import DoraLinearFunction, LoraLinearFunction
 
@@ -119,10 +119,7 @@ class LoraConfig(PeftConfig):
                 "layers_to_transform / layers_pattern cannot be combined with a string target_modules (a regex "
                 "or 'all-linear'); put the layer index into the regex, or list module names instead."
             )
-        if isinstance(self.target_modules, (list, tuple, set)) and not self.target_modules:
-            raise ValueError("target_modules is an empty list; name at least one module or use 'all-linear'.")
-        if isinstance(self.target_modules, (set, tuple)):
-            raise TypeError("target_modules must be a list or a string (sets do not serialise reproducibly).")
+        check_module_names("target_modules", self.target_modules)
 
 
 def _check_positive(name: str, value: Any, integer: bool = False) -> None:
