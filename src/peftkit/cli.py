@@ -262,13 +262,11 @@ def _merge(args: argparse.Namespace) -> int:
     _quiet_transformers()
     model, tokenizer = _load_adapted(args.adapter, args.base, args.task, args.num_labels)
     merged = model.merge_and_unload(safe_merge=True)
-    tmp = args.out.rstrip("/") + ".tmp"
-    import shutil
+    from peftkit.core.io_utils import atomic_folder
 
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, args.out)
+    with atomic_folder(args.out) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     print(
         f"merged model written to {args.out} (loads with transformers {type(merged).__name__}.from_pretrained)"
     )

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 #: Largest config file (adapter_config.json, a run config, a bench spec) read; real ones hold kilobytes.
@@ -32,6 +33,34 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp_path)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary folder beside ``final`` (``.tmp-<name>``) to write a whole folder into. When the
+    block ends normally, the files are synced and the folder is renamed to ``final`` (which must not exist);
+    when it raises, the temporary folder is removed, and so is ``final``'s parent if this call created it.
+    Readers never see a half-written ``final``."""
+    final = os.path.abspath(os.fspath(final))
+    parent = os.path.dirname(final)
+    created_parent = not os.path.isdir(parent)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(final)}")
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed earlier attempt's leftovers
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as f:
+                    os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created_parent:
+            with contextlib.suppress(OSError):  # only if still empty
+                os.rmdir(parent)
         raise
 
 

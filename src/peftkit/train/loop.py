@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from peftkit.core.io_utils import atomic_write_text
+from peftkit.core.io_utils import atomic_folder, atomic_write_text
 from peftkit.core.quantization import is_quantized_model, prepare_model_for_kbit_training
 from peftkit.core.tuner import BaseTuner
 from peftkit.train.data import (
@@ -280,31 +280,18 @@ def build_peft_model(
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(base.config, "use_cache"):
             base.config.use_cache = False
-    tmp = None
-    created_dir = None  # the output folder, when saving the base creates it (removed again on failure)
-    if save_base_to is not None and not os.path.isdir(save_base_to):
-        tmp = save_base_to + ".tmp"
-        parent = os.path.dirname(os.path.abspath(save_base_to))
-        created_dir = None if os.path.isdir(parent) else parent
-        shutil.rmtree(tmp, ignore_errors=True)
-        base.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
     method_config = build_method_config(config)
     if save_base_to is not None:
         method_config = method_config.replace(base_model_name_or_path=os.path.abspath(save_base_to))
-    torch.manual_seed(config.train.seed)  # adapter initialisation is part of the run's seed
-    try:
+    # the base is written (atomically) only if the adapter can be built on it
+    saving = save_base_to is not None and not os.path.isdir(save_base_to)
+    with atomic_folder(save_base_to) if saving else contextlib.nullcontext() as tmp:  # type: ignore[arg-type]
+        if tmp is not None:
+            base.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        torch.manual_seed(config.train.seed)  # adapter initialisation is part of the run's seed
         peft_model = (wrap or get_peft_model)(base, method_config)
         check_row_inputs(peft_model, task, str(config.method.get("name")))
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if created_dir is not None:
-            with contextlib.suppress(OSError):  # only if still empty
-                os.rmdir(created_dir)
-        raise
-    if tmp is not None:
-        os.replace(tmp, save_base_to)
     return peft_model
 
 
