@@ -14,16 +14,8 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import tiny_bart, tiny_t5
+from tiny_models import tiny_bart, tiny_bert_seq_cls, tiny_gpt2, tiny_llama, tiny_t5
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 
 import peftkit
 from peftkit import (
@@ -38,30 +30,8 @@ from peftkit import (
 )
 
 
-def tiny_llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_gpt2(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)).eval()
-
-
 def tiny_bert_cls(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100
-    )
-    return BertForSequenceClassification(config).eval()
+    return tiny_bert_seq_cls(seed, num_labels=2)
 
 
 def conformance_t5(seed: int = 0) -> nn.Module:
