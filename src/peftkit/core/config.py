@@ -16,7 +16,7 @@ import os
 import typing
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from peftkit.core.io_utils import atomic_write_text, read_config_text
@@ -142,14 +142,15 @@ class PeftConfig:
     """Fields every method shares.
 
     Args:
-        peft_type: which method; set by each subclass, not by the user.
+        peft_type: which method; each subclass sets its own (a value passed in is accepted and replaced,
+            as in HF PEFT).
         task_type: a :class:`TaskType` (or its string value) or ``None`` for a bare model.
         base_model_name_or_path: the hub id or path of the base model, recorded at save time.
         revision: the base model's revision, if any.
         inference_mode: ``True`` freezes the adapter (as after ``from_pretrained(is_trainable=False)``).
     """
 
-    peft_type: PeftType | str | None = field(default=None, init=False)
+    peft_type: PeftType | str | None = None
     task_type: TaskType | str | None = None
     base_model_name_or_path: str | None = None
     revision: str | None = None
@@ -266,6 +267,18 @@ class PeftConfig:
                 stacklevel=2,
             )
         return target_cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> PeftConfig:
+        """HF PEFT's constructor by type: the config class registered for ``kwargs["peft_type"]`` (this
+        class when there is none) built from ``kwargs``; keys that class does not know are dropped with one
+        warning naming them, as when loading a file."""
+        from peftkit.core.registry import get_method, registered_methods
+
+        if "peft_type" in kwargs:
+            return cls.from_dict(kwargs)
+        own = [name for name in registered_methods() if get_method(name).config_cls is cls]
+        return cls.from_dict({**kwargs, "peft_type": own[0]}) if own else cls(**kwargs)
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> PeftConfig:
