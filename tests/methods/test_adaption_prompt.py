@@ -207,8 +207,8 @@ def test_clear_errors() -> None:
     for bad in ({"adapter_len": 0}, {"adapter_len": -1}, {"adapter_layers": 0}):
         with pytest.raises(ValueError, match="positive integer"):
             AdaptionPromptConfig(**{"adapter_len": 3, "adapter_layers": 1, **bad})
-    with pytest.raises(ValueError, match="needs adapter_len"):
-        AdaptionPromptConfig(adapter_layers=1)
+    with pytest.raises(ValueError, match="needs adapter_len"):  # built as in HF PEFT; refused when used
+        get_peft_model(build_model("llama"), AdaptionPromptConfig(adapter_layers=1))
     with pytest.raises(ValueError, match="attribute name"):
         AdaptionPromptConfig(adapter_len=2, adapter_layers=1, target_modules="model.layers.0.self_attn")
     llama = build_model("llama")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import build_model, model_inputs
+from tiny_models import build_model, model_inputs, tiny_llama
 
 import peftkit
 from peftkit import PeftModel, get_peft_model
@@ -325,10 +325,31 @@ def test_ptuning_v2_token_classification_with_hf_prefix_layout(tmp_path: Any) ->
 
 
 # ---------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("n", [0, -3, None, 2.5])
+@pytest.mark.parametrize("n", [0, -3, 2.5])
 def test_bad_num_virtual_tokens(n: Any) -> None:
     with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer"):
         peftkit.PromptTuningConfig(num_virtual_tokens=n)
+
+
+@pytest.mark.parametrize(
+    "config_cls",
+    [
+        peftkit.PromptTuningConfig,
+        peftkit.PrefixTuningConfig,
+        peftkit.PromptEncoderConfig,
+        peftkit.AdaptionPromptConfig,
+    ],
+)
+def test_configs_build_without_arguments_and_are_checked_when_used(config_cls: type) -> None:
+    """As in HF PEFT, ``PromptTuningConfig()`` builds; the missing size is an error once the config is used,
+    and the model is left as it was."""
+    config = config_cls(task_type="CAUSAL_LM")
+    getattr(peft, config_cls.__name__)(task_type="CAUSAL_LM")  # the reference builds it too
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"num_virtual_tokens must be a positive integer|needs adapter_len"):
+        peftkit.get_peft_model(model, config)
+    assert all(p.requires_grad for p in model.parameters())
+    assert type(model.model.layers[0].self_attn).__name__ == "LlamaAttention"
 
 
 def test_text_init_without_tokenizer_or_text() -> None:

@@ -192,6 +192,15 @@ class PeftConfig:
                 )
 
     # ----------------------------------------------------------------------------------------- API
+    def check_complete(self) -> None:
+        """Settings a config may leave unset when it is built (as HF PEFT allows, e.g.
+        ``PromptTuningConfig()``) but that an adapter needs: checked when an adapter is created from the
+        config (and by ``peftkit train`` before it starts).
+
+        Raises:
+            ValueError: a needed setting is still unset.
+        """
+
     def validate(self) -> None:
         """Raise ``ValueError`` on inconsistent settings. Subclasses extend it."""
 

@@ -300,6 +300,7 @@ class BaseTuner(nn.Module):
     def inject_adapter(self, adapter_name: str) -> None:
         """Wrap every module the adapter's config selects; on any error, undo everything."""
         config = self.peft_config[adapter_name]
+        config.check_complete()
         holder = next((n for n, s in self.base_selections.items() if s.names), None)
         if holder is not None:
             raise ValueError(

@@ -82,10 +82,8 @@ class AdaptionPromptConfig(PeftConfig):
 
     def validate(self) -> None:
         for name in ("adapter_len", "adapter_layers"):
-            value = getattr(self, name)
-            if value is None:
-                raise ValueError(f"AdaptionPromptConfig needs {name} (a positive integer).")
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            value = getattr(self, name)  # None: set later, checked by check_complete when the config is used
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         target = self.target_modules
         if target is not None and (not isinstance(target, str) or not target or "." in target):
@@ -93,6 +91,11 @@ class AdaptionPromptConfig(PeftConfig):
                 f"target_modules must be the attribute name of the attention module in each decoder layer "
                 f"(e.g. 'self_attn'), got {target!r}."
             )
+
+    def check_complete(self) -> None:
+        for name in ("adapter_len", "adapter_layers"):
+            if getattr(self, name) is None:
+                raise ValueError(f"AdaptionPromptConfig needs {name} (a positive integer).")
 
     @property
     def is_adaption_prompt(self) -> bool:

@@ -80,9 +80,16 @@ class PromptLearningConfig(PeftConfig):
     def is_prompt_learning(self) -> bool:
         return True
 
+    def check_complete(self) -> None:
+        if self.num_virtual_tokens is None:
+            raise ValueError(
+                "num_virtual_tokens must be a positive integer (the number of virtual tokens), got None; "
+                "e.g. num_virtual_tokens=20."
+            )
+
     def validate(self) -> None:
-        n = self.num_virtual_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        n = self.num_virtual_tokens  # None: set later, checked by check_complete when the config is used
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
             raise ValueError(
                 f"num_virtual_tokens must be a positive integer (the number of virtual tokens), got {n!r}; "
                 f"e.g. num_virtual_tokens=20."

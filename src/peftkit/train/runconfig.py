@@ -284,7 +284,9 @@ def build_method_config(config: RunConfig) -> Any:
             )
         checked[key] = check_value(value, hints[key], f"method.{key}")
     try:
-        return config_cls(task_type=config.model.task_type, **checked)
+        method_config = config_cls(task_type=config.model.task_type, **checked)
+        method_config.check_complete()  # a run uses the config: what may be left unset must be set now
+        return method_config
     except (TypeError, ValueError) as err:
         raise RunConfigError(f"method ({name}): {err}") from None
 
