@@ -302,3 +302,20 @@ def test_from_pretrained_round_trip_with_selected_adapters(tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     assert copy.deepcopy(loaded).active_adapter == "extra"
+
+
+@pytest.mark.parametrize("spelling", ["Gaussian", "GAUSSIAN", "OLoRA"])
+def test_init_lora_weights_names_in_any_case_as_hf_peft(spelling: str) -> None:
+    """HF PEFT lower-cases "gaussian" and "olora"; the config keeps what was written."""
+    torch.manual_seed(0)
+    ours = get_peft_model(tiny_llama(), LoraConfig(init_lora_weights=spelling, target_modules=["q_proj"]))
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(init_lora_weights=spelling, target_modules=["q_proj"])
+    )
+    assert ours.peft_config["default"].init_lora_weights == spelling
+    mine = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
+    ref = {k: v for k, v in theirs.state_dict().items() if "lora_" in k}
+    assert mine.keys() == ref.keys()
+    for key in mine:
+        torch.testing.assert_close(mine[key], ref[key], rtol=0, atol=1e-6)

@@ -102,7 +102,7 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"bias={self.bias!r} is not one of 'none', 'all', 'lora_only'.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1).")
-        init = self.init_lora_weights
+        init = _init_kind(self.init_lora_weights)
         if not (
             isinstance(init, bool) or init in ("gaussian", "pissa", "olora") or _pissa_niter(init) is not None
         ):
@@ -127,6 +127,14 @@ def _check_positive(name: str, value: Any, integer: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
         need = "a positive integer" if integer else "a positive number"
         raise ValueError(f"{name}={value!r} must be {need}.")
+
+
+def _init_kind(init: Any) -> Any:
+    """``init_lora_weights`` as the layers compare it: ``"gaussian"`` and ``"olora"`` in any case (HF PEFT
+    lower-cases those two); PiSSA names and booleans as written. The config keeps what the user wrote."""
+    if isinstance(init, str) and init.lower() in ("gaussian", "olora"):
+        return init.lower()
+    return init
 
 
 def _pissa_niter(init: Any) -> int | None:
@@ -188,7 +196,7 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self.use_dora[adapter_name] = config.use_dora
         self.create_factors(adapter_name, r)
-        self.init_factors(adapter_name, config.init_lora_weights, target_name)
+        self.init_factors(adapter_name, _init_kind(config.init_lora_weights), target_name)
         if config.use_dora:
             self.create_dora_magnitude(adapter_name)
 
