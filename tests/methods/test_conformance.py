@@ -60,6 +60,9 @@ class Case:
     disable_supported: bool = True
     # True for methods that train the model's own parameters in place: a second adapter is a clear error
     one_adapter_per_model: bool = False
+    # the config of a second adapter beside the first (default: the same config); LoRA's bias="all" trains
+    # the shared biases, which only one adapter may do (as in HF PEFT)
+    second_config: Callable[[], peftkit.PeftConfig] | None = None
     # the checkpoint holds a computed tensor (a prompt encoder's output, as HF PEFT saves P-Tuning and
     # projected prefixes), not the parameters: the round trip compares outputs and saved tensors
     saved_as_output: bool = False
@@ -103,6 +106,7 @@ CASES = [
         tiny_bert_cls,
         lambda: LoraConfig(r=4, bias="all", task_type="SEQ_CLS"),
         base_untouched=False,
+        second_config=lambda: LoraConfig(r=4, task_type="SEQ_CLS"),
     ),
     Case("lora-bert-seq-cls", "LORA", tiny_bert_cls, lambda: LoraConfig(r=4, task_type="SEQ_CLS")),
     Case(
@@ -621,7 +625,7 @@ def test_delete_adapter_removes_every_trace(case: Case) -> None:
         with pytest.raises(ValueError, match="only adapter"):
             model.add_adapter("other", case.config())
     else:
-        model.add_adapter("other", case.config())
+        model.add_adapter("other", (case.second_config or case.config)())
     _train(model, case)
     if "other" in model.peft_config:
         model.delete_adapter("other")

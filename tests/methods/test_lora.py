@@ -319,3 +319,19 @@ def test_init_lora_weights_names_in_any_case_as_hf_peft(spelling: str) -> None:
     assert mine.keys() == ref.keys()
     for key in mine:
         torch.testing.assert_close(mine[key], ref[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "refused"),
+    [("all", "lora_only", True), ("none", "all", False), ("all", "none", False)],
+)
+def test_only_one_adapter_may_train_biases_as_in_hf_peft(first: str, second: str, refused: bool) -> None:
+    for lib in (peft, __import__("peftkit")):
+        model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(target_modules=["q_proj"], bias=first))
+        if refused:
+            with pytest.raises(ValueError, match="supports only 1 adapter with bias"):
+                model.add_adapter("second", lib.LoraConfig(target_modules=["q_proj"], bias=second))
+            assert list(model.peft_config) == ["default"]
+        else:
+            model.add_adapter("second", lib.LoraConfig(target_modules=["q_proj"], bias=second))
+            assert list(model.peft_config) == ["default", "second"]

@@ -224,6 +224,15 @@ class BaseTuner(nn.Module):
         part."""
         return {}
 
+    def check_new_adapter_config(self, config: PeftConfig) -> None:
+        """Refuse an adapter that cannot live beside the ones the model has (``self.peft_config`` already
+        holds it), before anything is injected (HF PEFT's ``_check_new_adapter_config``). The default
+        accepts every config.
+
+        Raises:
+            ValueError: the combination of adapters is not supported.
+        """
+
     def on_step_end(self, global_step: int) -> None:
         """Called by a training loop after each optimizer step, before the gradients are cleared, for a
         method that adapts itself during training (AdaLoRA reallocates ranks from the gradients). The
@@ -301,6 +310,7 @@ class BaseTuner(nn.Module):
         """Wrap every module the adapter's config selects; on any error, undo everything."""
         config = self.peft_config[adapter_name]
         config.check_complete()
+        self.check_new_adapter_config(config)
         holder = next((n for n, s in self.base_selections.items() if s.names), None)
         if holder is not None:
             raise ValueError(

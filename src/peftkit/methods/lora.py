@@ -700,6 +700,14 @@ class LoraModel(BaseTuner):
     layer_cls = LoraLayer
     supports_quantized_layers = True  # bitsandbytes Linear4bit / Linear8bitLt (QLoRA), DoRA included
 
+    def check_new_adapter_config(self, config: PeftConfig) -> None:
+        # biases are the model's own and shared: only one adapter may train them (as HF PEFT)
+        if sum(getattr(c, "bias", "none") != "none" for c in self.peft_config.values()) > 1:
+            raise ValueError(
+                f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, set "
+                f"bias to 'none' for all adapters."
+            )
+
     def create_or_update_layer(
         self, target: nn.Module, target_name: str, config: PeftConfig, adapter_name: str
     ) -> nn.Module | None:
