@@ -372,3 +372,38 @@ def test_merge_and_unload(case: Case, maker: str, tmp_path: Path) -> None:
         merged[lib_name] = logits(model.eval())
         assert_close(merged[lib_name], unmerged, f"{lib_name}: merged vs unmerged", atol=MERGE_ATOL)
     assert_close(merged["peftkit"], merged["peft"], "merged peftkit vs merged peft")
+
+
+def test_save_pretrained_writes_a_model_card_as_hf_peft(tmp_path) -> None:
+    """README.md with HF PEFT's metadata (tools read the base model and library from it); an existing card
+    keeps its text."""
+    import yaml
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base_dir = tmp_path / "base"
+    LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+        )
+    ).save_pretrained(base_dir)
+    cards = {}
+    for lib in (peft, peftkit):
+        model = lib.get_peft_model(
+            LlamaForCausalLM.from_pretrained(base_dir),
+            lib.LoraConfig(target_modules=["q_proj"], task_type="CAUSAL_LM"),
+        )
+        model.save_pretrained(tmp_path / lib.__name__)
+        text = (tmp_path / lib.__name__ / "README.md").read_text()
+        cards[lib.__name__] = yaml.safe_load(text.split("---")[1])
+    assert cards["peftkit"] == cards["peft"]
+    assert cards["peftkit"]["base_model"] == str(base_dir) and cards["peftkit"]["library_name"] == "peft"
+
+    card = tmp_path / "peftkit" / "README.md"
+    card.write_text(card.read_text() + "\nMy notes.\n")
+    model.save_pretrained(tmp_path / "peftkit")
+    assert "My notes." in card.read_text() and card.read_text().count("- peftkit ") == 1

@@ -280,6 +280,9 @@ class PeftModel(nn.Module):
                 tensors.update(self._embedding_base_weights(name, save_embedding_layers))
                 save_adapter_weights(tensors, tmp, safe_serialization)
                 self.peft_config[name].save_pretrained(tmp, **self._saved_config_fields(name))
+            card = tempfile.mkdtemp(prefix=".tmp-save-", dir=save_directory)
+            staged.append((card, save_directory))
+            self.create_or_update_model_card(card, existing=os.path.join(save_directory, "README.md"))
         except BaseException:
             for tmp, _ in staged:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -291,6 +294,46 @@ class PeftModel(nn.Module):
             for file in os.listdir(tmp):
                 os.replace(os.path.join(tmp, file), os.path.join(folder, file))
             os.rmdir(tmp)
+
+    def create_or_update_model_card(self, output_dir: str, existing: str | None = None) -> None:
+        """Write ``output_dir/README.md`` as HF PEFT does: the model card of ``existing`` (default: the one in
+        ``output_dir``) or a new one, with ``library_name: peft``, the base model, tags (``transformers``,
+        ``lora`` for LoRA, ``base_model:adapter:<base>``), the pipeline tag of a causal LM, and peftkit's
+        version under "Framework versions". Hub tools read the base model from it."""
+        from huggingface_hub import ModelCard, ModelCardData
+        from transformers import PreTrainedModel
+
+        import peftkit
+
+        path = existing or os.path.join(output_dir, "README.md")
+        card = ModelCard.load(path) if os.path.isfile(path) else ModelCard.from_template(ModelCardData())
+        card.data["library_name"] = "peft"
+        base = self.get_base_model()
+        tags = set(getattr(base, "model_tags", None) or [])
+        if isinstance(base, PreTrainedModel):
+            tags.add("transformers")
+        if str(self.active_peft_config.peft_type) == "LORA":
+            tags.add("lora")
+        base_name = getattr(getattr(base, "config", None), "_name_or_path", None) or getattr(
+            base, "name_or_path", None
+        )
+        if base_name:
+            tags.add(f"base_model:adapter:{base_name}")
+            card.data["base_model"] = base_name
+        if tags:
+            card.data["tags"] = sorted(tags)
+        if not card.data.pipeline_tag and isinstance(self, PeftModelForCausalLM):
+            card.data.pipeline_tag = "text-generation"
+        lines = card.text.splitlines()
+        version_line = f"- peftkit {peftkit.__version__}"
+        if version_line not in lines:
+            heading = "### Framework versions"
+            if heading in lines:
+                lines.insert(lines.index(heading) + 2, version_line)
+            else:
+                lines.append(f"{heading}\n\n{version_line}")
+        card.text = "\n".join(lines)
+        card.save(os.path.join(output_dir, "README.md"))
 
     def _embedding_base_weights(self, adapter_name: str, save_embedding_layers: bool | str) -> dict[str, Any]:
         if save_embedding_layers == "auto":
