@@ -20,6 +20,7 @@ from peftkit.core.peft_model import (
 )
 from peftkit.core.quantization import prepare_model_for_int8_training, prepare_model_for_kbit_training
 from peftkit.core.registry import register_method, registered_methods
+from peftkit.core.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from peftkit.core.tuner import BaseTuner
 from peftkit.methods.adalora import AdaLoraConfig, AdaLoraModel
 from peftkit.methods.adaption_prompt import AdaptionPromptConfig
@@ -96,9 +97,13 @@ __all__ = [
     "PromptTuningInit",
     "PromptTuningModel",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
     "UniPELTConfig",
     "UniPELTModel",
     "__version__",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
     "hotswap_adapter",

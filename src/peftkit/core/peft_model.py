@@ -218,6 +218,18 @@ class PeftModel(nn.Module):
         with self.base_model.adapters_disabled():
             yield
 
+    def get_layer_status(self) -> list[Any]:
+        """HF PEFT's per-layer status records (see :func:`peftkit.get_layer_status`)."""
+        from peftkit.core.status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> Any:
+        """HF PEFT's model status record (see :func:`peftkit.get_model_status`)."""
+        from peftkit.core.status import get_model_status
+
+        return get_model_status(self)
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         return count_parameters(self)
 
