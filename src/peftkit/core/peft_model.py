@@ -310,12 +310,12 @@ class PeftModel(nn.Module):
     def create_or_update_model_card(self, output_dir: str, existing: str | None = None) -> None:
         """Write ``output_dir/README.md`` as HF PEFT does: the model card of ``existing`` (default: the one in
         ``output_dir``) or a new one, with ``library_name: peft``, the base model, tags (``transformers``,
-        ``lora`` for LoRA, ``base_model:adapter:<base>``), the pipeline tag of a causal LM, and peftkit's
+        the method (``lora``), ``base_model:adapter:<base>``), the pipeline tag of a causal LM, and peftkit's
         version under "Framework versions". Hub tools read the base model from it."""
+        from importlib.metadata import version
+
         from huggingface_hub import ModelCard, ModelCardData
         from transformers import PreTrainedModel
-
-        import peftkit
 
         path = existing or os.path.join(output_dir, "README.md")
         card = ModelCard.load(path) if os.path.isfile(path) else ModelCard.from_template(ModelCardData())
@@ -324,8 +324,7 @@ class PeftModel(nn.Module):
         tags = set(getattr(base, "model_tags", None) or [])
         if isinstance(base, PreTrainedModel):
             tags.add("transformers")
-        if str(self.active_peft_config.peft_type) == "LORA":
-            tags.add("lora")
+        tags.add(str(self.active_peft_config.peft_type).lower())  # "lora", as HF PEFT tags LoRA adapters
         base_name = getattr(getattr(base, "config", None), "_name_or_path", None) or getattr(
             base, "name_or_path", None
         )
@@ -337,7 +336,7 @@ class PeftModel(nn.Module):
         if not card.data.pipeline_tag and isinstance(self, PeftModelForCausalLM):
             card.data.pipeline_tag = "text-generation"
         lines = card.text.splitlines()
-        version_line = f"- peftkit {peftkit.__version__}"
+        version_line = f"- peftkit {version('peftkit')}"
         if version_line not in lines:
             heading = "### Framework versions"
             if heading in lines:
