@@ -16,7 +16,10 @@ from peftkit.core.peft_model import (
     PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
+    get_base_model_state_dict,
     get_peft_model,
+    inject_adapter_in_model,
+    set_base_model_state_dict,
 )
 from peftkit.core.quantization import prepare_model_for_int8_training, prepare_model_for_kbit_training
 from peftkit.core.registry import register_method, registered_methods
@@ -102,15 +105,18 @@ __all__ = [
     "UniPELTConfig",
     "UniPELTModel",
     "__version__",
+    "get_base_model_state_dict",
     "get_layer_status",
     "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
     "hotswap_adapter",
+    "inject_adapter_in_model",
     "prepare_model_for_compiled_hotswap",
     "prepare_model_for_int8_training",
     "prepare_model_for_kbit_training",
     "register_method",
     "registered_methods",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
 ]

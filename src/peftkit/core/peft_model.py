@@ -28,7 +28,7 @@ from peftkit.core.checkpoint import (
     validate_adapter_name,
 )
 from peftkit.core.config import CONFIG_NAME, PeftConfig, TaskType
-from peftkit.core.layer import SAVED_PREFIX, AdapterLayer
+from peftkit.core.layer import SAVED_PREFIX, AdapterLayer, ModulesToSaveWrapper
 from peftkit.core.registry import get_method
 from peftkit.core.targeting import name_matches
 from peftkit.core.tuner import BaseTuner, count_parameters
@@ -599,3 +599,105 @@ def get_peft_model(
         )
     cls = TASK_TO_PEFT_MODEL.get(str(peft_config.task_type), PeftModel)
     return cls(model, peft_config, adapter_name, **kwargs)
+
+
+def inject_adapter_in_model(
+    peft_config: PeftConfig,
+    model: nn.Module,
+    adapter_name: str = "default",
+    low_cpu_mem_usage: bool = False,
+    state_dict: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Add the adapter layers of ``peft_config`` to ``model`` in place and return ``model`` itself (no
+    ``PeftModel`` around it), as HF PEFT's ``inject_adapter_in_model``. Methods that act on the inputs (soft
+    prompts, LLaMA-Adapter's prompts) need the wrapper: use :func:`get_peft_model` for them.
+    ``low_cpu_mem_usage`` is accepted for HF PEFT compatibility; targeting by ``state_dict`` keys is not
+    supported (give ``target_modules``).
+
+    Raises:
+        ValueError: a prompt method, a ``state_dict``, or what :func:`get_peft_model` refuses; the model is
+            left unchanged.
+    """
+    del low_cpu_mem_usage
+    if peft_config.is_prompt_learning or getattr(peft_config, "is_adaption_prompt", False):
+        raise ValueError(
+            "`create_and_replace` does not support prompt learning, adaption prompt and shadow yet."
+        )
+    if state_dict is not None:
+        raise ValueError(
+            "inject_adapter_in_model(state_dict=...) is not supported by peftkit; set target_modules instead."
+        )
+    try:
+        spec = get_method(str(peft_config.peft_type))
+    except KeyError:
+        raise ValueError(f"peft_type {peft_config.peft_type!r} is not a registered method.") from None
+    validate_adapter_name(adapter_name, model, reserved=spec.tuner_cls.reserved_names())
+    return spec.tuner_cls(model, {adapter_name: peft_config}, adapter_name).model
+
+
+def _original_key(key: str, wrappers: list[tuple[str, nn.Module]]) -> str | None:
+    """``key`` of an adapted model's state dict as the model had it before adapters were added, or
+    ``None`` for a tensor that adapters brought (their parameters, ``modules_to_save`` copies).
+    ``wrappers``: the adapter layers and ``modules_to_save`` wrappers, deepest first, so that nested ones (a
+    combination's components) peel off from the inside out."""
+    for path, module in wrappers:
+        prefix = f"{path}." if path else ""
+        if not key.startswith(prefix):
+            continue
+        rest = key[len(prefix) :]
+        inner = "original_module." if isinstance(module, ModulesToSaveWrapper) else "base_layer."
+        if not rest.startswith(inner):
+            return None
+        key = prefix + rest[len(inner) :]
+    return key
+
+
+def _base_key_map(model: PeftModel) -> dict[str, str]:
+    """Original key -> key in the adapted base model, for every tensor the base model had."""
+    base = model.get_base_model()
+    wrappers = sorted(
+        ((n, m) for n, m in base.named_modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))),
+        key=lambda item: -len(item[0]),
+    )
+    added = {
+        name
+        for selection in getattr(model.base_model, "base_selections", {}).values()
+        for name in selection.new_parameters
+    }
+    mapping = {}
+    for key in base.state_dict():
+        original = _original_key(key, wrappers)
+        if original is not None and original not in added:
+            mapping[original] = key
+    return mapping
+
+
+def get_base_model_state_dict(model: PeftModel) -> dict[str, Any]:
+    """The base model's state dict under its original keys (no ``base_layer`` / ``original_module`` infixes,
+    no adapter tensors), as HF PEFT's ``get_base_model_state_dict``."""
+    state = model.get_base_model().state_dict()
+    return {original: state[key] for original, key in _base_key_map(model).items()}
+
+
+def set_base_model_state_dict(model: PeftModel, state_dict: dict[str, Any], strict: bool = True) -> Any:
+    """Load ``state_dict`` (original keys) into the base model of ``model`` (HF PEFT's
+    ``set_base_model_state_dict``); returns ``(missing_keys, unexpected_keys)``.
+
+    Raises:
+        RuntimeError: with ``strict``, a missing or unexpected key (nothing is loaded).
+    """
+    from collections import namedtuple
+
+    mapping = _base_key_map(model)
+    missing = [k for k in mapping if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in mapping]
+    if strict and (missing or unexpected):
+        messages = []
+        if missing:
+            messages.append(f"Missing key(s) in state_dict: {missing}")
+        if unexpected:
+            messages.append(f"Unexpected key(s) in state_dict: {unexpected}")
+        raise RuntimeError("Error(s) in loading state_dict:\n\t" + "\n\t".join(messages))
+    renamed = {mapping[k]: v for k, v in state_dict.items() if k in mapping}
+    model.get_base_model().load_state_dict(renamed, strict=False)
+    return namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])(missing, unexpected)

@@ -1,0 +1,205 @@
+"""pytest plugin (``-p peft_alias``): ``import peft`` and ``import peft.<sub>`` resolve to peftkit.
+
+Loaded with ``-p``, it is imported before any conftest or test module, and installs, at import:
+
+* an import hook for ``peft`` and every module name the reference peft has (``peft.tuners.lora.layer``,
+  ``peft.utils.other``, ...). Each becomes an *alias module* whose attributes are looked up, by the
+  same name, in the peftkit module(s) ``MODULE_MAP`` gives for it (``peft`` -> ``peftkit``,
+  ``peft.tuners.lora.layer`` -> ``peftkit.methods.lora``, ...). An alias module has no attributes of
+  its own: ``peft.LoraConfig is peftkit.LoraConfig``.
+* for a name peftkit lacks (``from peft import LoHaConfig``), by default a *placeholder*: a class
+  named like the missing object that nothing is an instance or subclass of, and that raises
+  ``MissingInPeftkit`` (an ImportError) when called or indexed, and AttributeError for its
+  attributes. So a test module that imports many names still collects, and only the tests that
+  use a missing name fail. With ``PEFTKIT_ALIAS_MISSING=error`` a missing name is an ImportError at
+  import instead, as a plain ``sys.modules["peft"] = peftkit`` would give.
+
+Exception: ``peft.import_utils`` (environment probes such as ``is_bnb_available``; no adapter
+behaviour) is loaded from the reference peft's file, so both runs skip the same tests.
+
+Nothing is added to peftkit or changed in it: peftkit's own modules are imported untouched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import types
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+MISSING_MODE = os.environ.get("PEFTKIT_ALIAS_MISSING", "placeholder")  # or "error"
+
+# peft module -> peftkit modules searched, in order, for its attributes. Submodules of a method
+# package (peft.tuners.lora.layer, peft.tuners.ia3.model, ...) use their package's entry.
+MODULE_MAP: dict[str, tuple[str, ...]] = {
+    "peft": ("peftkit",),
+    "peft.config": ("peftkit.core.config",),
+    "peft.peft_model": ("peftkit.core.peft_model",),
+    "peft.mapping": ("peftkit.core.registry",),
+    "peft.mapping_func": ("peftkit.core.peft_model",),
+    "peft.tuners": ("peftkit",),
+    "peft.tuners.tuners_utils": ("peftkit.core.tuner", "peftkit.core.targeting", "peftkit.core.layer"),
+    "peft.tuners.lora": ("peftkit.methods.lora",),
+    "peft.tuners.adalora": ("peftkit.methods.adalora",),
+    "peft.tuners.ia3": ("peftkit.methods.ia3",),
+    "peft.tuners.prompt_tuning": ("peftkit.methods.prompt_tuning",),
+    "peft.tuners.p_tuning": ("peftkit.methods.p_tuning",),
+    "peft.tuners.prefix_tuning": ("peftkit.methods.prefix_tuning",),
+    "peft.tuners.adaption_prompt": ("peftkit.methods.adaption_prompt",),
+    "peft.tuners.multitask_prompt_tuning": ("peftkit.methods.multitask_prompt_tuning",),
+    "peft.utils": (
+        "peftkit.core.config",
+        "peftkit.core.checkpoint",
+        "peftkit.core.layer",
+        "peftkit.core.quantization",
+    ),
+    "peft.utils.peft_types": ("peftkit.core.config",),
+    "peft.utils.constants": ("peftkit.core.checkpoint", "peftkit.core.config"),
+    "peft.utils.other": ("peftkit.core.layer", "peftkit.core.quantization", "peftkit.core.checkpoint"),
+    "peft.utils.save_and_load": ("peftkit.core.checkpoint",),
+    "peft.utils.hotswap": ("peftkit.core.hotswap",),
+    "peft.utils.quantization_utils": ("peftkit.core.quantization",),
+    "peft.utils.merge_utils": ("peftkit.core.merge",),
+}
+FROM_REFERENCE = ("peft.import_utils",)
+
+
+class MissingInPeftkit(ImportError):
+    """A test used a peft name that peftkit has no object for."""
+
+
+class _MissingMeta(type):
+    """Metaclass of placeholders: using one (call, index, iterate, attribute) raises."""
+
+    _peft_name: str
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise MissingInPeftkit(f"{cls._peft_name} is not provided by peftkit")
+
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(f"{cls._peft_name}.{name}: {cls._peft_name} is not provided by peftkit")
+
+    def __getitem__(cls, key: Any) -> Any:
+        raise MissingInPeftkit(f"{cls._peft_name} is not provided by peftkit")
+
+    def __iter__(cls) -> Any:
+        raise MissingInPeftkit(f"{cls._peft_name} is not provided by peftkit")
+
+    def __repr__(cls) -> str:
+        return f"<not in peftkit: {cls._peft_name}>"
+
+
+_placeholders: dict[str, type] = {}
+
+
+def placeholder(module: str, name: str) -> type:
+    full = f"{module}.{name}"
+    if full not in _placeholders:
+        namespace = {"_peft_name": full, "__module__": module, "__qualname__": name}
+        _placeholders[full] = _MissingMeta(name, (), namespace)
+    return _placeholders[full]
+
+
+def _reference_modules() -> set[str]:
+    """Module names of the installed reference peft, found on disk without importing it."""
+    spec = importlib.util.find_spec("peft")
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    root = Path(next(iter(spec.submodule_search_locations)))
+    names = {"peft"}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names.add(".".join(("peft", *parts)))
+    return names
+
+
+def _sources(fullname: str) -> tuple[str, ...]:
+    name = fullname
+    while name:
+        if name in MODULE_MAP:
+            is_method_package = name.startswith("peft.tuners.") and name.count(".") == 2
+            if name == fullname or is_method_package:
+                return MODULE_MAP[name]
+            return ()
+        name = name.rpartition(".")[0]
+    return ()
+
+
+class AliasModule(types.ModuleType):
+    """A ``peft...`` module whose attributes are peftkit's (see module docstring)."""
+
+    def __init__(self, name: str, sources: Sequence[str], known: set[str]) -> None:
+        super().__init__(name, f"alias of {', '.join(sources) or '(nothing in peftkit)'}")
+        self.__path__: list[str] = []
+        self._sources = tuple(sources)
+        self._known = known
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        child = f"{self.__name__}.{name}"
+        if child in self._known:
+            return importlib.import_module(child)
+        for source in self._sources:
+            module = importlib.import_module(source)
+            if hasattr(module, name):
+                return getattr(module, name)
+        if MISSING_MODE == "error":
+            raise AttributeError(f"module {self.__name__!r} (peftkit alias) has no attribute {name!r}")
+        value = placeholder(self.__name__, name)
+        setattr(self, name, value)
+        return value
+
+
+class AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, known: set[str]) -> None:
+        self.known = known
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in self.known or fullname in FROM_REFERENCE:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        return AliasModule(spec.name, _sources(spec.name), self.known)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        pass
+
+
+def _load_from_reference(fullname: str, reference_root: Path) -> None:
+    relative = Path(*fullname.split(".")[1:]).with_suffix(".py")
+    spec = importlib.util.spec_from_file_location(fullname, reference_root / relative)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[fullname] = module
+    spec.loader.exec_module(module)
+
+
+def install() -> None:
+    if any(name == "peft" or name.startswith("peft.") for name in sys.modules):
+        raise RuntimeError("the reference peft was imported before the peftkit alias was installed")
+    spec = importlib.util.find_spec("peft")
+    known = _reference_modules() | set(MODULE_MAP)
+    sys.meta_path.insert(0, AliasFinder(known))
+    import peft  # noqa: F401 - the alias of peftkit
+
+    if spec is not None and spec.submodule_search_locations:
+        root = Path(next(iter(spec.submodule_search_locations)))
+        for fullname in FROM_REFERENCE:
+            _load_from_reference(fullname, root)
+
+
+install()
