@@ -4,6 +4,15 @@ from peftkit import LoraConfig, get_peft_model
 model = get_peft_model(base_model, LoraConfig(r=8, target_modules="all-linear"))
 """
 
+from peftkit.core.auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from peftkit.core.checkpoint import get_peft_model_state_dict, set_peft_model_state_dict
 from peftkit.core.config import PeftConfig, PeftType, TaskType
 from peftkit.core.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
@@ -59,6 +68,13 @@ __all__ = [
     "AdapterFusionConfig",
     "AdapterLayer",
     "AdaptionPromptConfig",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "BaseTuner",
     "BitFitConfig",
     "BitFitModel",
