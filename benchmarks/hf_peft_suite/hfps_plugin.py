@@ -3,7 +3,9 @@
 It does four things, none of which touches peft or peftkit:
   --hfps-rule FILE     deselect tests that are not candidates of the selection rule (hfps_selection.py),
                        writing ``{"excluded": nodeid, "reason": ...}`` lines to the results file;
-  --hfps-ids FILE      keep only the node ids listed in FILE (one per line);
+  --hfps-ids FILE      keep only the node ids listed in FILE (one per line), compared exactly or,
+                       failing that, by ``loose_id`` (a parametrization list computed from peft
+                       objects can number its cases differently under peftkit);
   --hfps-results FILE  append one JSON line per test (outcome, crash line, duration) and per
                        collection error, as the run goes, so a killed run keeps what it did;
   --hfps-offline       make the suite's ``hub_online_once`` a no-op, so HF_HUB_OFFLINE=1 really
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +26,7 @@ from typing import IO, Any
 import pytest
 from hfps_selection import Rule
 
+_AUTO_ID = re.compile(r"(?<=[\[-])([A-Za-z_]+?)\d+(?=[-\]])")
 _results: IO[str] | None = None
 _phases: dict[str, dict[str, Any]] = {}
 
@@ -33,6 +37,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--hfps-ids", default=None, help="file with the node ids to keep")
     group.addoption("--hfps-results", default=None, help="JSON-lines file to append results to")
     group.addoption("--hfps-offline", action="store_true", help="make hub_online_once a no-op")
+
+
+def loose_id(nodeid: str) -> str:
+    """``nodeid`` without the numbers of pytest's automatic ids (``config_kwargs13`` -> ``config_kwargs#``)."""
+    return _AUTO_ID.sub(r"\1#", nodeid)
 
 
 def _write(record: dict[str, Any]) -> None:
@@ -62,12 +71,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ids_path = config.getoption("--hfps-ids")
     rule = Rule.from_json(json.loads(Path(rule_path).read_text())) if rule_path else None
     wanted = set(Path(ids_path).read_text().splitlines()) if ids_path else None
+    wanted_loose = {loose_id(t) for t in wanted} if wanted is not None else set()
     for item in items:
         reason = rule.exclusion(item.nodeid) if rule else None
         if reason is not None:
             _write({"excluded": item.nodeid, "reason": reason})
             dropped.append(item)
-        elif wanted is not None and item.nodeid not in wanted:
+        elif wanted is not None and item.nodeid not in wanted and loose_id(item.nodeid) not in wanted_loose:
             dropped.append(item)
         else:
             keep.append(item)

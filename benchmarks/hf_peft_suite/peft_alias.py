@@ -14,8 +14,13 @@ Loaded with ``-p``, it is imported before any conftest or test module, and insta
   use a missing name fail. With ``PEFTKIT_ALIAS_MISSING=error`` a missing name is an ImportError at
   import instead, as a plain ``sys.modules["peft"] = peftkit`` would give.
 
-Exception: ``peft.import_utils`` (environment probes such as ``is_bnb_available``; no adapter
-behaviour) is loaded from the reference peft's file, so both runs skip the same tests.
+Exceptions, environment probes the suite calls while importing (no adapter behaviour), so that
+both runs collect and skip the same tests:
+* ``peft.import_utils`` (``is_bnb_available``, ``is_transformers_ge_v5``, ...) is loaded from the
+  reference peft's own file;
+* ``infer_device`` (``torch_device = infer_device()`` in class bodies of the suite) is given by
+  ``HARNESS_PROBES`` below when peftkit has none. ``PEFTKIT_ALIAS_PROBES=0`` turns this off (then
+  most test files fail to collect).
 
 Nothing is added to peftkit or changed in it: peftkit's own modules are imported untouched.
 """
@@ -68,6 +73,29 @@ MODULE_MAP: dict[str, tuple[str, ...]] = {
     "peft.utils.merge_utils": ("peftkit.core.merge",),
 }
 FROM_REFERENCE = ("peft.import_utils",)
+# Module dunders looked up in the peftkit modules too (all other dunders are the alias module's own).
+DELEGATED_DUNDERS = frozenset({"__version__", "__all__"})
+USE_PROBES = os.environ.get("PEFTKIT_ALIAS_PROBES", "1") != "0"
+
+
+def infer_device() -> str:
+    """Same answer as ``peft.utils.other.infer_device`` for cuda / mps / xpu / cpu machines."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return "mps"
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return "xpu"
+    return "cpu"
+
+
+# name -> harness stand-in, used only where the peftkit source modules have no such name.
+HARNESS_PROBES: dict[str, Any] = {
+    "peft.utils.infer_device": infer_device,
+    "peft.utils.other.infer_device": infer_device,
+}
 
 
 class MissingInPeftkit(ImportError):
@@ -145,7 +173,7 @@ class AliasModule(types.ModuleType):
         self._known = known
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") and name.endswith("__"):
+        if name.startswith("__") and name.endswith("__") and name not in DELEGATED_DUNDERS:
             raise AttributeError(name)
         child = f"{self.__name__}.{name}"
         if child in self._known:
@@ -154,6 +182,10 @@ class AliasModule(types.ModuleType):
             module = importlib.import_module(source)
             if hasattr(module, name):
                 return getattr(module, name)
+        if name in DELEGATED_DUNDERS:
+            raise AttributeError(f"module {self.__name__!r} (peftkit alias) has no attribute {name!r}")
+        if USE_PROBES and child in HARNESS_PROBES:
+            return HARNESS_PROBES[child]
         if MISSING_MODE == "error":
             raise AttributeError(f"module {self.__name__!r} (peftkit alias) has no attribute {name!r}")
         value = placeholder(self.__name__, name)
@@ -170,7 +202,10 @@ class AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname not in self.known or fullname in FROM_REFERENCE:
             return None
-        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        sources = ", ".join(_sources(fullname)) or "nothing"
+        return importlib.machinery.ModuleSpec(
+            fullname, self, origin=f"peftkit alias of {sources}", is_package=True
+        )
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
         return AliasModule(spec.name, _sources(spec.name), self.known)

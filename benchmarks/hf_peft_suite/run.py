@@ -30,6 +30,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from hfps_plugin import loose_id  # noqa: E402
 from hfps_selection import FILES, Rule, foreign_configs  # noqa: E402
 
 DEFAULT_SUITE = Path("/tmp/peft_src/peft-0.21.2/tests")
@@ -90,7 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--files", nargs="+", metavar="FILE", help="only these test files (names in tests/)")
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_FILES)}")
     p.add_argument("-k", dest="keyword", help="pytest -k expression, applied to both runs")
-    p.add_argument("--timeout", type=float, default=120, help="per-test timeout in s (pytest-timeout); 0: none")
+    p.add_argument(
+        "--timeout", type=float, default=120, help="per-test timeout in s (pytest-timeout); 0: none"
+    )
     p.add_argument("--max-minutes", type=float, default=0, help="wall limit per run; 0: none")
     p.add_argument("--deps-dir", type=Path, default=DEFAULT_DEPS, help="extra packages for the suite")
     p.add_argument("--install-deps", action="store_true", help=f"pip install {' '.join(SUITE_DEPS)} there")
@@ -99,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("placeholder", "error"),
         default="placeholder",
         help="peft names peftkit lacks: placeholders failing on use (default) or ImportError at import",
+    )
+    p.add_argument(
+        "--no-probes", action="store_true", help="no infer_device stand-in (peft_alias.HARNESS_PROBES)"
     )
     p.add_argument("--reuse-reference", action="store_true", help="reuse run (a) results from --workdir")
     return p.parse_args(argv)
@@ -145,6 +151,7 @@ def base_env(args: argparse.Namespace) -> dict[str, str]:
     paths = [str(HERE), str(args.deps_dir), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env["PEFTKIT_ALIAS_MISSING"] = args.missing
+    env["PEFTKIT_ALIAS_PROBES"] = "0" if args.no_probes else "1"
     return env
 
 
@@ -162,7 +169,8 @@ def run_pytest(
     workdir: Path = args.workdir
     results = workdir / f"{name}.jsonl"
     results.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "-p", "hfps_plugin"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "--tb=short", "--continue-on-collection-errors"]
+    cmd += ["-p", "no:cacheprovider", "-p", "hfps_plugin"]
     if alias:
         cmd += ["-p", "peft_alias"]
     cmd += ["-c", "pytest.ini", "--rootdir", ".", "--hfps-offline", "--hfps-results", results.name]
@@ -175,7 +183,9 @@ def run_pytest(
     print(f"[{name}] {' '.join(cmd)}", flush=True)
     start = time.monotonic()
     with open(workdir / f"{name}.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         timed_out = False
         try:
             proc.wait(timeout=limit)
@@ -219,7 +229,10 @@ _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w.])")
 _MISSING_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(peft[\w.]*) is not provided by peftkit"), "not in peftkit: {0}"),
     (re.compile(r"(\S+) got an unexpected keyword argument '(\w+)'"), "keyword {1!r} of {0}"),
-    (re.compile(r"(module '[\w.]+'|'\w+' object|type object '\w+') has no attribute '(\w+)'"), "{0}: attribute {1!r}"),
+    (
+        re.compile(r"(module '[\w.]+'|'\w+' object|type object '\w+') has no attribute '(\w+)'"),
+        "{0}: attribute {1!r}",
+    ),
     (re.compile(r"cannot import name '(\w+)' from '([\w.]+)'"), "import {1}.{0}"),
     (re.compile(r"No module named '([\w.]+)'"), "module {0}"),
 )
@@ -249,12 +262,29 @@ def ranked(counter: collections.Counter[str], examples: dict[str, str], limit: i
     return [{"count": n, "key": k, "example": examples[k]} for k, n in counter.most_common(limit)]
 
 
+def match_ids(selected: list[str], results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Results keyed by the reference's node ids: exact, else by a ``loose_id`` unique on both sides."""
+    selected_loose = collections.Counter(loose_id(t) for t in selected)
+    results_loose: dict[str, list[str]] = collections.defaultdict(list)
+    for t in results:
+        results_loose[loose_id(t)].append(t)
+    matched: dict[str, dict[str, Any]] = {}
+    for t in selected:
+        if t in results:
+            matched[t] = results[t]
+            continue
+        key = loose_id(t)
+        if selected_loose[key] == 1 and len(results_loose[key]) == 1:
+            matched[t] = dict(results[results_loose[key][0]], matched_as=results_loose[key][0])
+    return matched
+
+
 def build_report(
     args: argparse.Namespace, rule: Rule, files: list[str], ref: RunResult, kit: RunResult | None
 ) -> dict[str, Any]:
     candidates = ref.collected
     selected = [t for t in candidates if ref.tests.get(t, {}).get("outcome") == "passed"]
-    kit_tests = kit.tests if kit else {}
+    kit_tests = match_ids(selected, kit.tests if kit else {})
     kit_outcome = {t: kit_tests.get(t, {}).get("outcome") or "not run" for t in selected}
     passed = [t for t in selected if kit_outcome[t] == "passed"]
 
@@ -266,7 +296,11 @@ def build_report(
         if record is None:
             module = t.split("::")[0]
             error = kit.collect_errors.get(module) if kit else None
-            failures[t] = f"not collected: {error}" if error else "not run (missing from the peftkit run)"
+            failures[t] = (
+                f"not collected: {error}"
+                if error
+                else "not collected under peftkit (parametrization differs)"
+            )
         else:
             failures[t] = record.get("message") or f"({record.get('outcome')})"
 
@@ -308,6 +342,7 @@ def build_report(
             "percent": round(100 * len(passed) / len(selected), 2) if selected else None,
             "reference_outcomes": dict(ref_outcomes.most_common()),
             "peftkit_outcomes": dict(collections.Counter(kit_outcome.values()).most_common()),
+            "matched_by_loose_id": sum("matched_as" in r for r in kit_tests.values()),
         },
         "per_file": per_file,
         "failure_groups": ranked(groups, examples, 200),
@@ -316,7 +351,12 @@ def build_report(
         "excluded_by_rule_reasons": dict(reasons.most_common(60)),
         "collection_errors": {"peft": ref.collect_errors, "peftkit": kit.collect_errors if kit else {}},
         "runs": {
-            r.name: {"command": r.command, "returncode": r.returncode, "wall_s": round(r.wall_s, 1), "timed_out": r.timed_out}
+            r.name: {
+                "command": r.command,
+                "returncode": r.returncode,
+                "wall_s": round(r.wall_s, 1),
+                "timed_out": r.timed_out,
+            }
             for r in (ref, kit)
             if r is not None
         },
@@ -326,6 +366,7 @@ def build_report(
             "keyword": args.keyword,
             "timeout_s": args.timeout,
             "missing_names": args.missing,
+            "harness_probes": not args.no_probes,
             "versions": versions(),
             "selection_rule": rule.to_json(),
         },
@@ -352,7 +393,9 @@ def print_summary(report: dict[str, Any], top: int = 25) -> None:
         f"pass with peftkit {c['passed_with_peftkit']}  ({c['percent']}%)"
     )
     for f, row in report["per_file"].items():
-        print(f"  {f:40s} {row['passed_with_peftkit']:>6} / {row['passed_with_peft']:<6} ({row['candidates']} candidates)")
+        print(
+            f"  {f:40s} {row['passed_with_peftkit']:>6} / {row['passed_with_peft']:<6} ({row['candidates']} candidates)"
+        )
     print(f"top {top} failure groups:")
     for g in report["failure_groups"][:top]:
         print(f"  {g['count']:>6}  {g['key']}")

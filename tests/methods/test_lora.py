@@ -335,3 +335,64 @@ def test_only_one_adapter_may_train_biases_as_in_hf_peft(first: str, second: str
         else:
             model.add_adapter("second", lib.LoraConfig(target_modules=["q_proj"], bias=second))
             assert list(model.peft_config) == ["default", "second"]
+
+
+@pytest.mark.parametrize("target", [["q_proj", "v_proj"], ["c_attn"]], ids=["llama-linear", "gpt2-conv1d"])
+def test_lora_bias_equals_hf_peft_in_forward_gradients_merge_and_files(tmp_path, target: list[str]) -> None:
+    """lora_bias=True: B has a bias; outputs, gradients, the merged model and the saved tensors are HF PEFT's."""
+    from tiny_models import model_inputs, tiny_gpt2
+
+    build = tiny_llama if target[0] == "q_proj" else tiny_gpt2
+    if build is tiny_llama:  # llama has no biases: add some so that merging has one to fold into
+
+        def build():  # type: ignore[no-redef]
+            model = tiny_llama()
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.v_proj):
+                    proj.bias = nn.Parameter(
+                        torch.randn(proj.out_features, generator=torch.Generator().manual_seed(3))
+                    )
+            return model
+
+    models = []
+    for lib in (peft, __import__("peftkit")):
+        model = lib.get_peft_model(
+            build(), lib.LoraConfig(target_modules=target, lora_bias=True, init_lora_weights=False)
+        )
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, param in sorted(model.named_parameters()):
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        models.append(model)
+    ref, ours = models
+    batch = model_inputs()
+    assert {k for k in ours.state_dict() if "lora_B" in k and k.endswith("bias")}
+    for model in (ref, ours):
+        model.eval()  # gradients still flow; the base's own dropout stays off (its masks differ per library)
+        model(**batch).logits.square().mean().backward()
+    for (n, p), (_, q) in zip(sorted(ours.named_parameters()), sorted(ref.named_parameters()), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
+    with torch.no_grad():
+        want = ref(**batch).logits
+        torch.testing.assert_close(ours(**batch).logits, want, rtol=1e-5, atol=1e-6)
+        ours.save_pretrained(tmp_path)
+        loaded = peft.PeftModel.from_pretrained(build(), tmp_path).eval()
+        torch.testing.assert_close(loaded(**batch).logits, want, rtol=1e-5, atol=1e-6)
+        merged = ours.merge_and_unload()
+        torch.testing.assert_close(merged(**batch).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_bias_is_refused_where_hf_peft_refuses_it() -> None:
+    with pytest.raises(ValueError, match="not supported for DoRA"):
+        LoraConfig(lora_bias=True, use_dora=True)
+    with pytest.raises(ValueError, match="only supported with init_lora_weights=True or False"):
+        LoraConfig(lora_bias=True, init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="not supported for Embedding"):
+        get_peft_model(tiny_llama(), LoraConfig(lora_bias=True, target_modules=["embed_tokens"]))
+    with pytest.warns(UserWarning, match="has no bias"):
+        model = get_peft_model(tiny_llama(), LoraConfig(lora_bias=True, target_modules=["q_proj"]))
+    with pytest.raises(RuntimeError, match="base layer has no bias"):
+        model.merge_adapter()
+    assert not any(layer.merged for _, layer in model.base_model.adapter_layers())

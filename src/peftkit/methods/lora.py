@@ -27,6 +27,7 @@ Parameter names and the checkpoint format are HF PEFT's.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -67,6 +68,8 @@ class LoraConfig(PeftConfig):
         layers_to_transform / layers_pattern: restrict to these layer indices.
         rank_pattern / alpha_pattern: per-module ``r`` / ``lora_alpha`` keyed by regex suffix.
         use_dora: weight-decomposed LoRA (every supported layer type).
+        lora_bias: give ``B`` a bias (HF PEFT's option; not with DoRA, embeddings, or PiSSA / OLoRA init);
+            merging adds ``s · b_B`` to the base layer's bias, which must exist.
     """
 
     r: int = 8
@@ -84,6 +87,7 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
+    lora_bias: bool = False
 
     foreign_defaults: ClassVar[dict[str, Any]] = {"megatron_core": "megatron.core", "qalora_group_size": 16}
 
@@ -102,6 +106,15 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"bias={self.bias!r} is not one of 'none', 'all', 'lora_only'.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1).")
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ValueError(
+                f"The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
+                f"init_lora_weights={self.init_lora_weights} instead."
+            )
+        if self.lora_bias and self.use_dora:
+            raise ValueError(
+                "The argument lora_bias=True is not supported for DoRA, please pass use_dora=False"
+            )
         init = _init_kind(self.init_lora_weights)
         if not (
             isinstance(init, bool) or init in ("gaussian", "pissa", "olora") or _pissa_niter(init) is not None
@@ -164,7 +177,7 @@ class LoraLayer(AdapterLayer):
         "lora_magnitude_vector",
         "lora_dropout",
     )
-    adapter_settings = ("r", "lora_alpha", "scaling", "use_dora", "_dora_norm_at_merge")
+    adapter_settings = ("r", "lora_alpha", "scaling", "use_dora", "lora_bias", "_dora_norm_at_merge")
     saved_key_renames = {"lora_magnitude_vector.weight": "lora_magnitude_vector"}  # noqa: RUF012
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
@@ -180,6 +193,7 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}  # B has a bias (HF PEFT's lora_bias)
         self._dora_norm_at_merge: dict[str, torch.Tensor] = {}
         # Linear's stacked factors for mixed-adapter batches: (key, factor versions, stacks)
         self._stack_cache: tuple | None = None
@@ -195,7 +209,14 @@ class LoraLayer(AdapterLayer):
         p = config.lora_dropout
         self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self.use_dora[adapter_name] = config.use_dora
+        self.lora_bias[adapter_name] = config.lora_bias
         self.create_factors(adapter_name, r)
+        if config.lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
+            warnings.warn(
+                f"`lora_bias=True` was passed but the targeted layer of type {type(self.get_base_layer()).__name__} "
+                f"has no bias. This means that merging LoRA weights won't be possible.",
+                stacklevel=2,
+            )
         self.init_factors(adapter_name, _init_kind(config.init_lora_weights), target_name)
         if config.use_dora:
             self.create_dora_magnitude(adapter_name)
@@ -218,6 +239,19 @@ class LoraLayer(AdapterLayer):
         else:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         nn.init.zeros_(B)
+        if self.lora_bias.get(adapter_name):
+            nn.init.zeros_(self.lora_B[adapter_name].bias)
+
+    # ---------------------------------------------------------------------------------- lora_bias
+    def merge_bias(self, bias: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if not self.lora_bias.get(adapter_name):
+            return super().merge_bias(bias, adapter_name)
+        return bias + self.lora_B[adapter_name].bias.detach().to(bias.dtype) * self.scaling[adapter_name]
+
+    def unmerge_bias(self, bias: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if not self.lora_bias.get(adapter_name):
+            return super().unmerge_bias(bias, adapter_name)
+        return bias - self.lora_B[adapter_name].bias.detach().to(bias.dtype) * self.scaling[adapter_name]
 
     # ------------------------------------------------------------------------------------- DoRA
     # A layer type supports DoRA by saying which way its weight's output features lie (the two methods
@@ -248,6 +282,10 @@ class LoraLayer(AdapterLayer):
 
     def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """DoRA: ``W' = m / ‖W₀ + ΔW‖ · (weight + ΔW)``, ``W₀`` the base without merged adapters (as in forward)."""
+        if self.lora_bias.get(adapter_name) and getattr(self.get_base_layer(), "bias", None) is None:
+            raise RuntimeError(
+                "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias."
+            )
         if not self.use_dora[adapter_name]:
             return super().merge_weight(weight, adapter_name)
         delta = self.delta_weight(adapter_name).detach()
@@ -332,7 +370,9 @@ class Linear(LoraLayer):
         base_weight = self.get_base_layer().weight
         kwargs = {"device": base_weight.device, "dtype": adapter_dtype(base_weight.dtype)}
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kwargs)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **kwargs)
+        self.lora_B[adapter_name] = nn.Linear(
+            r, self.out_features, bias=self.lora_bias[adapter_name], **kwargs
+        )
 
     def init_factors(self, adapter_name: str, init: InitKind, target_name: str) -> None:
         if init == "olora" or init == "pissa" or _pissa_niter(init) is not None:
@@ -453,6 +493,7 @@ class Linear(LoraLayer):
         if (
             torch.is_autocast_enabled(x.device.type)
             or len(self.active_adapters) != 1
+            or self.lora_bias.get(self.active_adapters[0])  # the kernel has no term for B's bias
             or not self._plain_delta
             or self.disable_adapters
             or self.merged_adapters
@@ -491,7 +532,7 @@ class Linear(LoraLayer):
             return result
         if (
             not self._plain_delta
-            or any(self.use_dora[n] for n in present)
+            or any(self.use_dora[n] or self.lora_bias[n] for n in present)
             or (self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in present))
             or any(not x.dtype == result.dtype == A.weight.dtype for A in self.lora_A.values())
         ):
@@ -586,6 +627,8 @@ class Embedding(LoraLayer):
     """
 
     def create_factors(self, adapter_name: str, r: int) -> None:
+        if self.lora_bias[adapter_name]:
+            raise ValueError(f"lora_bias=True is not supported for {type(self).__name__}.")
         base = self.get_base_layer()
         kwargs = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, base.num_embeddings, **kwargs))
@@ -656,7 +699,9 @@ class Conv2d(LoraLayer):
             bias=False,
             **kwargs,
         )
-        self.lora_B[adapter_name] = nn.Conv2d(r, base.out_channels, (1, 1), (1, 1), bias=False, **kwargs)
+        self.lora_B[adapter_name] = nn.Conv2d(
+            r, base.out_channels, (1, 1), (1, 1), bias=self.lora_bias[adapter_name], **kwargs
+        )
 
     def adapter_delta(self, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor) -> torch.Tensor:
         lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]
