@@ -7,33 +7,12 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from tiny_models import VOCAB_SIZE, tiny_llama
+
+# the shared input, the per-row reference and the seeded LoRA values of the LoRA performance tests
+from test_lora_perf import IDS, _per_row_reference, _randomize_lora
+from tiny_models import tiny_llama
 
 import peftkit
-
-IDS = torch.randint(0, VOCAB_SIZE, (3, 9), generator=torch.Generator().manual_seed(5))
-
-
-def _per_row_reference(model: peftkit.PeftModel, names: list[str]) -> torch.Tensor:
-    """Each row through its own adapter, one row at a time (``"__base__"``: adapters disabled)."""
-    rows = []
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with model.disable_adapter():
-                rows.append(model(input_ids=IDS[i : i + 1]).logits)
-        else:
-            model.set_adapter(name)
-            rows.append(model(input_ids=IDS[i : i + 1]).logits)
-    return torch.cat(rows)
-
-
-def _randomize_lora(model: torch.nn.Module, seed: int = 0) -> None:
-    """Fill every LoRA factor with seeded values, in name order (the same values in both libraries)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if ".lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 def _saved(tmp_path, name: str, seed: int, **config_kwargs) -> str:
