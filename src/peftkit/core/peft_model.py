@@ -183,8 +183,7 @@ class PeftModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)  # the model's own unless the tuner adds to it
 
     # ---------------------------------------------------------------------- adapter management
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, **_: Any) -> None:
-        """Add an adapter (not activated: call :meth:`set_adapter`). Nothing changes on error."""
+    def _check_new_adapter_name(self, adapter_name: Any) -> None:
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name.")
         validate_adapter_name(
@@ -193,6 +192,10 @@ class PeftModel(nn.Module):
             existing=self.peft_config,
             reserved=self.base_model.reserved_names(),
         )
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, **_: Any) -> None:
+        """Add an adapter (not activated: call :meth:`set_adapter`). Nothing changes on error."""
+        self._check_new_adapter_name(adapter_name)
         current = str(self.active_peft_config.peft_type)
         # methods registered with the same tuner share its layers (AdapterFusion next to bottleneck adapters)
         if str(peft_config.peft_type) != current and not _same_tuner(peft_config, self.base_model):
@@ -446,14 +449,7 @@ class PeftModel(nn.Module):
         """Load a saved adapter under ``adapter_name`` (not activated). An adapter that builds on others (an
         AdapterFusion) first loads those the model lacks, from where ``save_pretrained`` wrote them beside it.
         Nothing changes on error."""
-        if adapter_name in self.peft_config:
-            raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name.")
-        validate_adapter_name(
-            adapter_name,
-            self.get_base_model(),
-            existing=self.peft_config,
-            reserved=self.base_model.reserved_names(),
-        )
+        self._check_new_adapter_name(adapter_name)
         model_id = os.fspath(model_id)
         subfolder = kwargs.pop("subfolder", None)
         folder = os.path.join(model_id, subfolder) if subfolder else model_id
