@@ -41,3 +41,10 @@ def test_registering_a_name_for_another_config_class_is_refused() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_method("LORA", peftkit.IA3Config, get_method("IA3").tuner_cls)
     assert get_method("LORA").config_cls is peftkit.LoraConfig
+
+
+def test_tuners_carry_hf_peft_parameter_prefixes() -> None:
+    import peft
+
+    for ours, theirs in (("LORA", peft.LoraModel), ("IA3", peft.IA3Model), ("ADALORA", peft.AdaLoraModel)):
+        assert get_method(ours).tuner_cls.prefix == theirs.prefix

@@ -79,6 +79,9 @@ class BaseTuner(nn.Module):
 
     #: the method's layer wrapper class; its declared containers name the adapter tensors on disk.
     layer_cls: type[AdapterLayer] = AdapterLayer
+    #: HF PEFT's ``prefix``: the start of the method's parameter names (``"lora_"``), which HF PEFT's users
+    #: and tests filter parameters by; ``""`` when the method has none
+    prefix: str = ""
     #: whether the method's layers handle bitsandbytes' quantized linears (4-bit / 8-bit weights)
     supports_quantized_layers: bool = False
     #: whether the method's adapters fold into the base weights (merge_adapter / merge_and_unload); when

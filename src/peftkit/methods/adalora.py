@@ -257,6 +257,7 @@ class AdaLoraModel(BaseTuner):
     """Injects AdaLoRA layers; owns the rank allocation (``update_and_allocate``) and the regulariser."""
 
     layer_cls = AdaLoraLayer
+    prefix = "lora_"  # as HF PEFT (its AdaLoraModel is a LoraModel)
     supports_quantized_layers = True  # the update is added to the base output; merging dequantizes
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -314,6 +314,7 @@ class IA3Model(BaseTuner):
     """Injects IA3 layers; decides per module whether its vector scales the input or the output."""
 
     layer_cls = IA3Layer
+    prefix = "ia3_"
     supports_quantized_layers = True  # bitsandbytes Linear4bit / Linear8bitLt: merging dequantizes
 
     def create_or_update_layer(

@@ -743,6 +743,7 @@ class LoraModel(BaseTuner):
     """Injects LoRA layers; adds LoRA's ``bias`` handling and :meth:`add_weighted_adapter`."""
 
     layer_cls = LoraLayer
+    prefix = "lora_"
     supports_quantized_layers = True  # bitsandbytes Linear4bit / Linear8bitLt (QLoRA), DoRA included
 
     def check_new_adapter_config(self, config: PeftConfig) -> None:
