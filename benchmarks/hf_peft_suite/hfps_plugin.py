@@ -84,8 +84,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
-    for item in keep:
-        _write({"collected": item.nodeid})
 
 
 @contextlib.contextmanager
@@ -94,6 +92,8 @@ def _stay_offline(model_id: str) -> Iterator[None]:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    for item in session.items:  # after every plugin's deselection (-k, the rule, the ids)
+        _write({"collected": item.nodeid})
     if not session.config.getoption("--hfps-offline"):
         return
     for name, module in list(sys.modules.items()):

@@ -9,9 +9,17 @@ Loaded with ``-p``, it is imported before any conftest or test module, and insta
   its own: ``peft.LoraConfig is peftkit.LoraConfig``.
 * for a name peftkit lacks (``from peft import LoHaConfig``), by default a *placeholder*: a class
   named like the missing object that nothing is an instance or subclass of, and that raises
-  ``MissingInPeftkit`` (an ImportError) when called or indexed, and AttributeError for its
-  attributes. So a test module that imports many names still collects, and only the tests that
-  use a missing name fail. With ``PEFTKIT_ALIAS_MISSING=error`` a missing name is an ImportError at
+  ``MissingInPeftkit`` (an ImportError) when called, indexed or iterated, and AttributeError for
+  its attributes. While pytest collects (imports test modules, builds parameter lists) a call
+  returns an *inert* object instead, which raises on any use, so that module-level code such as
+  ``CASES = [(..., KasaConfig(r=8))]`` does not fail the collection of a whole file.
+  ``isinstance(x, P)`` / ``issubclass(c, P)`` is False for a placeholder of another method's class
+  (a ``*Config``, a class of ``peft.tuners.<method peftkit lacks>``, ``FOREIGN_NAMES``): the
+  suite's skip helpers ask ``issubclass(config_cls, OSFConfig)`` of every config, and "not an OSF
+  config" is the true answer. For any other placeholder (``BaseTunerLayer``, ...) it raises, so a
+  test that checks modules against it fails instead of passing vacuously.
+  So a test module that imports many names still collects, and only the tests that use a missing
+  name fail. With ``PEFTKIT_ALIAS_MISSING=error`` a missing name is an ImportError at
   import instead, as a plain ``sys.modules["peft"] = peftkit`` would give.
 
 Exceptions, environment probes the suite calls while importing (no adapter behaviour), so that
@@ -34,9 +42,11 @@ import importlib.util
 import os
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 MISSING_MODE = os.environ.get("PEFTKIT_ALIAS_MISSING", "placeholder")  # or "error"
 
@@ -73,6 +83,11 @@ MODULE_MAP: dict[str, tuple[str, ...]] = {
     "peft.utils.merge_utils": ("peftkit.core.merge",),
 }
 FROM_REFERENCE = ("peft.import_utils",)
+# Missing names of methods peftkit lacks, besides *Config and peft.tuners.<such method>.* (is_foreign).
+FOREIGN_NAMES = frozenset(
+    {"PeftMixedModel", "TrainableTokensWrapper", "TrainableTokensModel", "MontecloraSampler"}
+)
+GENERIC_TUNER_MODULES = frozenset({"tuners_utils", "_buffer_dict"})
 # Module dunders looked up in the peftkit modules too (all other dunders are the alias module's own).
 DELEGATED_DUNDERS = frozenset({"__version__", "__all__"})
 USE_PROBES = os.environ.get("PEFTKIT_ALIAS_PROBES", "1") != "0"
@@ -102,12 +117,48 @@ class MissingInPeftkit(ImportError):
     """A test used a peft name that peftkit has no object for."""
 
 
+_collecting = False  # True while pytest collects; see pytest_collection below
+
+
+class Inert:
+    """What calling a placeholder gives during collection: every use of it raises."""
+
+    def __init__(self, peft_name: str) -> None:
+        object.__setattr__(self, "_peft_name", peft_name)
+
+    def _fail(self, *args: Any, **kwargs: Any) -> Any:
+        raise MissingInPeftkit(f"{self._peft_name}(...) is not provided by peftkit")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(f"{self._peft_name}(...).{name}: {self._peft_name} is not provided by peftkit")
+
+    __setattr__ = __call__ = __getitem__ = __iter__ = __len__ = __bool__ = _fail
+
+    def __repr__(self) -> str:
+        return f"<{self._peft_name}(...), not provided by peftkit>"
+
+
 class _MissingMeta(type):
     """Metaclass of placeholders: using one (call, index, iterate, attribute) raises."""
 
     _peft_name: str
+    _foreign: bool
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        if cls._foreign:
+            return False
+        raise MissingInPeftkit(f"{cls._peft_name} is not provided by peftkit (isinstance)")
+
+    def __subclasscheck__(cls, subclass: type) -> bool:
+        if cls._foreign:
+            return False
+        raise MissingInPeftkit(f"{cls._peft_name} is not provided by peftkit (issubclass)")
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if _collecting:
+            return Inert(cls._peft_name)
         raise MissingInPeftkit(f"{cls._peft_name} is not provided by peftkit")
 
     def __getattr__(cls, name: str) -> Any:
@@ -128,10 +179,25 @@ class _MissingMeta(type):
 _placeholders: dict[str, type] = {}
 
 
+def is_foreign(module: str, name: str) -> bool:
+    """Whether a missing peft name belongs to a method peftkit does not have."""
+    if name.endswith("Config") or name in FOREIGN_NAMES:
+        return True
+    parts = module.split(".")
+    if len(parts) < 3 or parts[1] != "tuners" or parts[2] in GENERIC_TUNER_MODULES:
+        return False
+    return ".".join(parts[:3]) not in MODULE_MAP
+
+
 def placeholder(module: str, name: str) -> type:
     full = f"{module}.{name}"
     if full not in _placeholders:
-        namespace = {"_peft_name": full, "__module__": module, "__qualname__": name}
+        namespace = {
+            "_peft_name": full,
+            "_foreign": is_foreign(module, name),
+            "__module__": module,
+            "__qualname__": name,
+        }
         _placeholders[full] = _MissingMeta(name, (), namespace)
     return _placeholders[full]
 
@@ -221,6 +287,16 @@ def _load_from_reference(fullname: str, reference_root: Path) -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[fullname] = module
     spec.loader.exec_module(module)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session) -> Generator[None, object, object]:
+    global _collecting
+    _collecting = True
+    try:
+        return (yield)
+    finally:
+        _collecting = False
 
 
 def install() -> None:

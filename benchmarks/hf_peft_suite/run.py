@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,14 +32,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from hfps_plugin import loose_id  # noqa: E402
-from hfps_selection import FILES, Rule, foreign_configs  # noqa: E402
+from hfps_selection import FILES, SUPPORTED_CONFIGS, Rule, foreign_configs  # noqa: E402
 
 DEFAULT_SUITE = Path("/tmp/peft_src/peft-0.21.2/tests")
 DEFAULT_WORKDIR = Path("/tmp/hf_peft_suite_work")
 DEFAULT_DEPS = Path("/tmp/hf_peft_suite_deps")
+DEFAULT_PEFTKIT_SRC = HERE.parents[1] / "src"
+WORKDIR_MARKER = ".hf_peft_suite_workdir"  # run.py only clears a --workdir that has it (or an empty one)
 # Test-only requirements of the suite that peftkit's environment lacks; installed with --no-deps
 # into --deps-dir (not into the environment) and put on PYTHONPATH of the two runs only.
 SUITE_DEPS = ("diffusers", "parameterized", "pytest-timeout")
+VERSIONED = ("peft", "peftkit", "torch", "transformers", "diffusers", "pytest", "pytest-timeout")
 QUICK_FILES = (
     "test_config.py",
     "test_mapping.py",
@@ -81,12 +85,15 @@ class RunResult:
     collected: list[str] = field(default_factory=list)
     excluded: dict[str, str] = field(default_factory=dict)
     collect_errors: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", type=Path, default=DEFAULT_SUITE, help="HF PEFT tests/ folder (unpacked sdist)")
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="scratch folder (recreated)")
+    p.add_argument(
+        "--workdir", type=Path, default=DEFAULT_WORKDIR, help="scratch folder, cleared on each run"
+    )
     p.add_argument("--out", type=Path, required=True, help="JSON report path")
     p.add_argument("--files", nargs="+", metavar="FILE", help="only these test files (names in tests/)")
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_FILES)}")
@@ -94,7 +101,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--timeout", type=float, default=120, help="per-test timeout in s (pytest-timeout); 0: none"
     )
+    p.add_argument(
+        "--tb", default="line", help="pytest --tb style for the logs (short/long cost ~0.4 s a failure)"
+    )
     p.add_argument("--max-minutes", type=float, default=0, help="wall limit per run; 0: none")
+    p.add_argument(
+        "--peftkit-src",
+        type=Path,
+        default=DEFAULT_PEFTKIT_SRC,
+        help="folder holding the peftkit package to test, put first on PYTHONPATH (default: this checkout's src/)",
+    )
     p.add_argument("--deps-dir", type=Path, default=DEFAULT_DEPS, help="extra packages for the suite")
     p.add_argument("--install-deps", action="store_true", help=f"pip install {' '.join(SUITE_DEPS)} there")
     p.add_argument(
@@ -107,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-probes", action="store_true", help="no infer_device stand-in (peft_alias.HARNESS_PROBES)"
     )
     p.add_argument("--reuse-reference", action="store_true", help="reuse run (a) results from --workdir")
+    p.add_argument(
+        "--report-only", action="store_true", help="rebuild the report from the results in --workdir"
+    )
     return p.parse_args(argv)
 
 
@@ -118,9 +137,10 @@ def install_deps(deps_dir: Path) -> None:
     subprocess.run(cmd, check=True)
 
 
-def check_deps(env: dict[str, str]) -> bool:
-    code = "import diffusers, parameterized, pytest_timeout"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode == 0
+def importable(module: str, env: dict[str, str]) -> bool:
+    """Whether ``module`` imports in the environment the runs get (PYTHONPATH included)."""
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], env=env, capture_output=True)
+    return proc.returncode == 0
 
 
 def prepare_workdir(suite: Path, workdir: Path, keep_reference: bool) -> Path:
@@ -128,10 +148,14 @@ def prepare_workdir(suite: Path, workdir: Path, keep_reference: bool) -> Path:
     if not (suite / "testing_common.py").is_file():
         raise SystemExit(f"{suite} does not look like HF PEFT's tests/ folder")
     workdir.mkdir(parents=True, exist_ok=True)
+    marker = workdir / WORKDIR_MARKER
+    if any(workdir.iterdir()) and not marker.exists():
+        raise SystemExit(f"{workdir} is not empty and was not made by run.py; pick another --workdir")
     for path in workdir.iterdir():
-        if keep_reference and path.name.startswith("reference."):
+        if path == marker or (keep_reference and path.name.startswith("reference.")):
             continue
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+    marker.touch()
     tests = workdir / "tests"
     shutil.copytree(suite, tests, ignore=shutil.ignore_patterns("__pycache__"))
     (tests / "__init__.py").touch()  # the sdist drops it; the tests use relative imports
@@ -148,7 +172,7 @@ def reference_rule() -> Rule:
 
 def base_env(args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ, **OFFLINE_ENV)
-    paths = [str(HERE), str(args.deps_dir), env.get("PYTHONPATH", "")]
+    paths = [str(HERE), str(args.peftkit_src or ""), str(args.deps_dir), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env["PEFTKIT_ALIAS_MISSING"] = args.missing
     env["PEFTKIT_ALIAS_PROBES"] = "0" if args.no_probes else "1"
@@ -169,7 +193,7 @@ def run_pytest(
     workdir: Path = args.workdir
     results = workdir / f"{name}.jsonl"
     results.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "-q", "--tb=short", "--continue-on-collection-errors"]
+    cmd = [sys.executable, "-m", "pytest", "-q", f"--tb={args.tb}", "--continue-on-collection-errors"]
     cmd += ["-p", "no:cacheprovider", "-p", "hfps_plugin"]
     if alias:
         cmd += ["-p", "peft_alias"]
@@ -199,13 +223,50 @@ def run_pytest(
                 proc.wait()
     wall = time.monotonic() - start
     print(f"[{name}] exit {proc.returncode} after {wall / 60:.1f} min", flush=True)
-    return read_results(name, cmd, proc.returncode, wall, timed_out, results)
+    run_info = {
+        "command": cmd,
+        "returncode": proc.returncode,
+        "wall_s": wall,
+        "timed_out": timed_out,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - wall)),
+        "peftkit_source": peftkit_source(env),
+    }
+    (workdir / f"{name}.run.json").write_text(json.dumps(run_info))
+    return read_results(name, workdir)
 
 
-def read_results(
-    name: str, cmd: list[str], returncode: int | None, wall: float, timed_out: bool, path: Path
-) -> RunResult:
-    run = RunResult(name, cmd, returncode, wall, timed_out)
+def peftkit_source(env: dict[str, str]) -> dict[str, Any]:
+    """Where the runs import peftkit from, its git commit, and whether that source differs from it."""
+    code = "import peftkit; print(peftkit.__file__)"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {}
+    src = Path(proc.stdout.strip()).parent
+
+    def git(*cmd: str) -> str:
+        proc = subprocess.run(["git", "-C", str(src), *cmd], capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    return {
+        "path": str(src),
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", ".")),
+    }
+
+
+def read_results(name: str, workdir: Path) -> RunResult:
+    """A run's results from ``<workdir>/<name>.jsonl`` (and ``<name>.run.json`` when present)."""
+    info_path = workdir / f"{name}.run.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    run = RunResult(
+        name,
+        info.get("command", []),
+        info.get("returncode"),
+        info.get("wall_s", 0.0),
+        info.get("timed_out", False),
+        info=info,
+    )
+    path = workdir / f"{name}.jsonl"
     if not path.exists():
         return run
     for line in path.read_text().splitlines():
@@ -246,8 +307,11 @@ def group_key(message: str) -> str:
 
 
 def exception_type(message: str) -> str:
-    match = re.match(r"([A-Za-z_][\w.]*)(?::|$)", message.strip())
-    return match.group(1) if match else "(no exception type)"
+    text = message.strip()
+    if text.startswith("assert "):  # pytest's assertion rewriting drops the type name
+        return "AssertionError"
+    match = re.match(r"([A-Za-z_][\w.]*)(?::|$)", text)
+    return match.group(1) if match else "(other)"
 
 
 def missing_name(message: str) -> str | None:
@@ -258,8 +322,16 @@ def missing_name(message: str) -> str | None:
     return None
 
 
-def ranked(counter: collections.Counter[str], examples: dict[str, str], limit: int) -> list[dict[str, Any]]:
-    return [{"count": n, "key": k, "example": examples[k]} for k, n in counter.most_common(limit)]
+def grouped(failures: dict[str, str], key: Callable[[str], str | None], limit: int) -> list[dict[str, Any]]:
+    """Failures grouped by ``key(message)``, most frequent first, each with an example node id."""
+    counts: collections.Counter[str] = collections.Counter()
+    examples: dict[str, str] = {}
+    for nodeid, message in failures.items():
+        k = key(message)
+        if k is not None:
+            counts[k] += 1
+            examples.setdefault(k, nodeid)
+    return [{"count": n, "key": k, "example": examples[k]} for k, n in counts.most_common(limit)]
 
 
 def match_ids(selected: list[str], results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -288,34 +360,21 @@ def build_report(
     kit_outcome = {t: kit_tests.get(t, {}).get("outcome") or "not run" for t in selected}
     passed = [t for t in selected if kit_outcome[t] == "passed"]
 
+    kit_collected = set(kit.collected) if kit else set()
     failures: dict[str, str] = {}
     for t in selected:
-        if kit_outcome[t] == "passed":
-            continue
         record = kit_tests.get(t)
-        if record is None:
-            module = t.split("::")[0]
-            error = kit.collect_errors.get(module) if kit else None
-            failures[t] = (
-                f"not collected: {error}"
-                if error
-                else "not collected under peftkit (parametrization differs)"
-            )
+        if record is not None:
+            if record["outcome"] != "passed":
+                failures[t] = record.get("message") or f"({record['outcome']})"
+        elif kit is None:
+            failures[t] = "not run"
+        elif t in kit_collected:
+            failures[t] = "not run: the peftkit run ended first" + (" (time limit)" if kit.timed_out else "")
+        elif t.split("::")[0] in kit.collect_errors:
+            failures[t] = f"not collected: {kit.collect_errors[t.split('::')[0]]}"
         else:
-            failures[t] = record.get("message") or f"({record.get('outcome')})"
-
-    groups: collections.Counter[str] = collections.Counter()
-    types: collections.Counter[str] = collections.Counter()
-    names: collections.Counter[str] = collections.Counter()
-    examples: dict[str, str] = {}
-    for t, message in failures.items():
-        keys = [("g:", group_key(message)), ("t:", exception_type(message))]
-        name = missing_name(message)
-        if name:
-            keys.append(("n:", name))
-        for prefix, key in keys:
-            {"g:": groups, "t:": types, "n:": names}[prefix][key] += 1
-            examples.setdefault(key, t)
+            failures[t] = "not collected under peftkit (parametrization differs)"
 
     per_file: dict[str, dict[str, Any]] = {}
     for f in files:
@@ -330,7 +389,16 @@ def build_report(
             "percent": round(100 * n_pass / n_sel, 1) if n_sel else None,
         }
 
-    reasons = collections.Counter(re.sub(r" \S+\.py .*", "", r) for r in ref.excluded.values())
+    per_config: dict[str, dict[str, int]] = collections.defaultdict(
+        lambda: {"selected": 0, "passed_with_peftkit": 0}
+    )
+    for t in selected:
+        names = set(re.findall(r"[A-Za-z0-9]+", t.partition("::")[2]))
+        config = next((c for c in sorted(SUPPORTED_CONFIGS) if c in names), "(no config in the id)")
+        per_config[config]["selected"] += 1
+        per_config[config]["passed_with_peftkit"] += t not in failures
+
+    reasons = collections.Counter(ref.excluded.values())
     ref_outcomes = collections.Counter(ref.tests.get(t, {}).get("outcome") or "not run" for t in candidates)
     return {
         "counts": {
@@ -345,9 +413,11 @@ def build_report(
             "matched_by_loose_id": sum("matched_as" in r for r in kit_tests.values()),
         },
         "per_file": per_file,
-        "failure_groups": ranked(groups, examples, 200),
-        "by_exception_type": ranked(types, examples, 50),
-        "by_missing_name": ranked(names, examples, 200),
+        "per_config": dict(sorted(per_config.items(), key=lambda kv: -kv[1]["selected"])),
+        "failure_groups": grouped(failures, group_key, 200),
+        "by_exception_type": grouped(failures, exception_type, 50),
+        "by_missing_name": grouped(failures, missing_name, 200),
+        "by_test_function": grouped({t: t.split("[")[0] for t in failures}, lambda name: name, 200),
         "excluded_by_rule_reasons": dict(reasons.most_common(60)),
         "collection_errors": {"peft": ref.collect_errors, "peftkit": kit.collect_errors if kit else {}},
         "runs": {
@@ -356,6 +426,8 @@ def build_report(
                 "returncode": r.returncode,
                 "wall_s": round(r.wall_s, 1),
                 "timed_out": r.timed_out,
+                "started": r.info.get("started"),
+                "peftkit_source": r.info.get("peftkit_source"),
             }
             for r in (ref, kit)
             if r is not None
@@ -367,23 +439,26 @@ def build_report(
             "timeout_s": args.timeout,
             "missing_names": args.missing,
             "harness_probes": not args.no_probes,
-            "versions": versions(),
+            "versions": versions(base_env(args)),
             "selection_rule": rule.to_json(),
         },
         "peftkit_failures": dict(sorted(failures.items())),
     }
 
 
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for dist in ("peft", "peftkit", "torch", "transformers", "diffusers", "pytest"):
-        try:
-            from importlib.metadata import version
-
-            out[dist] = version(dist)
-        except Exception:
-            out[dist] = None
-    return out
+def versions(env: dict[str, str]) -> dict[str, str | None]:
+    """Versions of the main distributions, as the runs see them (``env``'s PYTHONPATH included)."""
+    code = (
+        "import json, importlib.metadata as m\n"
+        "def v(d):\n"
+        "    try:\n"
+        "        return m.version(d)\n"
+        "    except m.PackageNotFoundError:\n"
+        "        return None\n"
+        f"print(json.dumps({{d: v(d) for d in {list(VERSIONED)!r}}}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    return json.loads(proc.stdout) if proc.returncode == 0 else {}
 
 
 def print_summary(report: dict[str, Any], top: int = 25) -> None:
@@ -404,38 +479,49 @@ def print_summary(report: dict[str, Any], top: int = 25) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    args.workdir = args.workdir.resolve()
+def run_both(args: argparse.Namespace, files: list[str], rule: Rule) -> tuple[RunResult, RunResult | None]:
+    """Run (a) on the rule's candidates (unless reused), then run (b) on what passed."""
     if args.install_deps:
         install_deps(args.deps_dir)
     env = base_env(args)
-    if not check_deps(env):
-        raise SystemExit(f"the suite needs {', '.join(SUITE_DEPS)}: rerun with --install-deps")
-    if importlib.util.find_spec("peft") is None:
-        raise SystemExit("the reference peft is not installed")
-
-    files = list(QUICK_FILES) if args.quick else sorted(args.files or FILES)
-    unknown = [f for f in files if f not in FILES]
-    if unknown:
-        raise SystemExit(f"not in the selection rule: {unknown} (see hfps_selection.FILES)")
-    prepare_workdir(args.suite, args.workdir, keep_reference=args.reuse_reference)
-    rule = reference_rule()
+    missing = [m for m in ("diffusers", "parameterized") if not importable(m, env)]
+    if missing:
+        raise SystemExit(f"the suite needs {', '.join(missing)}: rerun with --install-deps")
+    if args.timeout and not importable("pytest_timeout", env):
+        print("pytest-timeout is not installed (--install-deps): running without a per-test timeout")
+        args.timeout = 0
+    reuse = args.reuse_reference and (args.workdir / "reference.jsonl").exists()
+    prepare_workdir(args.suite, args.workdir, keep_reference=reuse)
     rule_file = args.workdir / "rule.json"
     rule_file.write_text(json.dumps(rule.to_json(), indent=1))
-
-    ref_results = args.workdir / "reference.jsonl"
-    if args.reuse_reference and ref_results.exists():
-        ref = read_results("reference", [], None, 0.0, False, ref_results)
+    if reuse:
+        ref = read_results("reference", args.workdir)
     else:
         ref = run_pytest("reference", args, files, env, ["--hfps-rule", rule_file.name], alias=False)
     selected = [t for t in ref.collected if ref.tests.get(t, {}).get("outcome") == "passed"]
     ids_file = args.workdir / "selected_ids.txt"
     ids_file.write_text("\n".join(selected) + "\n")
+    if not selected:
+        return ref, None
+    return ref, run_pytest("peftkit", args, files, env, ["--hfps-ids", ids_file.name], alias=True)
 
-    kit = None
-    if selected:
-        kit = run_pytest("peftkit", args, files, env, ["--hfps-ids", ids_file.name], alias=True)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.workdir = args.workdir.resolve()
+    if importlib.util.find_spec("peft") is None:
+        raise SystemExit("the reference peft is not installed")
+    files = list(QUICK_FILES) if args.quick else sorted(args.files or FILES)
+    unknown = [f for f in files if f not in FILES]
+    if unknown:
+        raise SystemExit(f"not in the selection rule: {unknown} (see hfps_selection.FILES)")
+    rule = reference_rule()
+
+    if args.report_only:
+        ref = read_results("reference", args.workdir)
+        kit = read_results("peftkit", args.workdir) if (args.workdir / "peftkit.jsonl").exists() else None
+    else:
+        ref, kit = run_both(args, files, rule)
 
     report = build_report(args, rule, files, ref, kit)
     args.out.parent.mkdir(parents=True, exist_ok=True)
