@@ -16,13 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import llama_for_4bit, tiny_bert_seq_cls, tiny_gpt2, tiny_llama
+from tiny_models import tiny_t5 as shared_tiny_t5
 from torch import nn
 from transformers import (
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     OPTConfig,
     OPTForCausalLM,
-    T5Config,
     T5ForConditionalGeneration,
 )
 
@@ -67,9 +67,8 @@ def tiny_opt(seed: int = 0) -> OPTForCausalLM:
 
 
 def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
-    torch.manual_seed(seed)
-    config = T5Config(d_model=16, d_ff=32, d_kv=4, num_layers=2, num_heads=4, vocab_size=100)
-    return T5ForConditionalGeneration(config).eval()
+    """The shared tiny T5 with two layers (the layer-index tests below count on two)."""
+    return shared_tiny_t5(seed, layers=2, vocab=100)
 
 
 def tiny_neox(seed: int = 0) -> GPTNeoXForCausalLM:

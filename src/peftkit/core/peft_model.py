@@ -134,12 +134,8 @@ class PeftModel(nn.Module):
         super().__init__()
         if isinstance(model, PeftModel):
             raise TypeError("The model is already a PeftModel; use model.add_adapter(name, config) instead.")
-        try:
-            spec = get_method(str(peft_config.peft_type))
-        except KeyError:
-            raise ValueError(f"peft_type {peft_config.peft_type!r} is not a registered method.") from None
-        validate_adapter_name(adapter_name, model, reserved=spec.tuner_cls.reserved_names())
-        self.base_model: BaseTuner = spec.tuner_cls(
+        tuner_cls = _tuner_class_for(model, peft_config, adapter_name)
+        self.base_model: BaseTuner = tuner_cls(
             model,
             {adapter_name: peft_config},
             adapter_name,
@@ -623,12 +619,19 @@ def inject_adapter_in_model(
         raise ValueError(
             "inject_adapter_in_model(state_dict=...) is not supported by peftkit; set target_modules instead."
         )
+    tuner_cls = _tuner_class_for(model, peft_config, adapter_name)
+    return tuner_cls(model, {adapter_name: peft_config}, adapter_name).model
+
+
+def _tuner_class_for(model: nn.Module, peft_config: PeftConfig, adapter_name: str) -> type[BaseTuner]:
+    """The registered tuner class of ``peft_config``'s method, after checking ``adapter_name`` against
+    ``model`` and the tuner's reserved names (``ValueError`` for an unknown method or a bad name)."""
     try:
         spec = get_method(str(peft_config.peft_type))
     except KeyError:
         raise ValueError(f"peft_type {peft_config.peft_type!r} is not a registered method.") from None
     validate_adapter_name(adapter_name, model, reserved=spec.tuner_cls.reserved_names())
-    return spec.tuner_cls(model, {adapter_name: peft_config}, adapter_name).model
+    return spec.tuner_cls
 
 
 def _original_key(key: str, wrappers: list[tuple[str, nn.Module]]) -> str | None:
