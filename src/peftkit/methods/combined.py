@@ -495,8 +495,6 @@ class CombinedModel(BaseTuner):
         self._merge_layers(internal, safe_merge)
 
     def check_can_merge(self, adapter_names: Sequence[str] | None = None) -> None:
-        if self.cannot_merge_reason:  # a kind of combination that never merges says why
-            raise ValueError(self.cannot_merge_reason)
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         refused = [
             f"{component!r} ({self.component_label(self.peft_config[name].components[component])})"  # type: ignore[union-attr]

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -426,6 +426,10 @@ class UniPELTModel(CombinedModel):
     cannot_merge_reason = (
         f"UniPELT cannot be merged. {GATED_LORA_CANNOT_MERGE} (Its prefix and adapter do not merge either.)"
     )
+
+    def check_can_merge(self, adapter_names: Sequence[str] | None = None) -> None:
+        """No UniPELT adapter merges: say so once, rather than per gated component."""
+        raise ValueError(self.cannot_merge_reason)
 
     @classmethod
     def component_tuner_cls(cls, component: str, config: PeftConfig) -> type[BaseTuner]:

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from peftkit.core.io_utils import atomic_folder, atomic_write_text
+from peftkit.core.io_utils import atomic_folder, atomic_write, atomic_write_text
 from peftkit.core.quantization import is_quantized_model, prepare_model_for_kbit_training
 from peftkit.core.tuner import BaseTuner
 from peftkit.train.data import (
@@ -593,10 +593,10 @@ def plot_losses(path: str, history: Sequence[dict[str, Any]]) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:
