@@ -61,10 +61,38 @@ def validate_adapter_name(
         )
 
 
+#: Where :func:`peftkit.inject_adapter_in_model` leaves its tuner on the model it adapted (a plain
+#: attribute, not a submodule), so that the state-dict functions below work on such a model too.
+INJECTED_TUNER_ATTR = "_peftkit_injected_tuner"
+
+
+def record_injected_tuner(model: nn.Module, tuner: nn.Module) -> None:
+    object.__setattr__(model, INJECTED_TUNER_ATTR, tuner)
+
+
+def _adapted(model: nn.Module) -> tuple[Any, str]:
+    """The tuner holding ``model``'s adapters, and the prefix its on-disk names carry that ``model``'s own
+    parameter names lack: ``""`` for a PeftModel, ``"base_model.model."`` for a model adapted in place by
+    ``inject_adapter_in_model`` (HF PEFT names such a model's tensors without it)."""
+    from peftkit.core.tuner import BaseTuner
+
+    if isinstance(getattr(model, "base_model", None), BaseTuner):
+        return model.base_model, ""
+    tuner = model.__dict__.get(INJECTED_TUNER_ATTR)
+    if tuner is None:
+        raise ValueError(
+            f"{type(model).__name__} has no peftkit adapters: make it with get_peft_model(...) or "
+            f"inject_adapter_in_model(...) first."
+        )
+    return tuner, SAVED_PREFIX
+
+
 def get_peft_model_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under HF PEFT's on-disk names."""
-    tensors = model.base_model.adapter_state_dict(adapter_name)
-    return {key: _full_tensor(tensor) for key, tensor in tensors.items()}
+    """The adapter's tensors under HF PEFT's on-disk names (for a model adapted in place by
+    :func:`peftkit.inject_adapter_in_model`: its own parameter names, as HF PEFT gives them)."""
+    tuner, prefix = _adapted(model)
+    tensors = tuner.adapter_state_dict(adapter_name)
+    return {key.removeprefix(prefix): _full_tensor(tensor) for key, tensor in tensors.items()}
 
 
 def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -88,16 +116,22 @@ def adapter_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def set_peft_model_state_dict(
-    model: PeftModel, state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
-) -> None:
+    model: PeftModel, state_dict: dict[str, torch.Tensor], adapter_name: str = "default", **_: Any
+) -> nn.modules.module._IncompatibleKeys:
     """Copy ``state_dict`` (on-disk names) into adapter ``adapter_name``; strict, all-or-nothing.
 
     Keys that name a parameter of the base model itself (HF PEFT saves a resized embedding as
-    ``...embed_tokens.base_layer.weight``) are loaded into it.
+    ``...embed_tokens.base_layer.weight``) are loaded into it. ``model`` is a PeftModel or a model adapted
+    in place by :func:`peftkit.inject_adapter_in_model` (keys without ``base_model.model.``).
+
+    Returns HF PEFT's load result (``missing_keys`` / ``unexpected_keys``): both empty, since a checkpoint
+    that lacks or adds a key is refused with ``ValueError`` instead (peftkit loads strictly).
     """
-    expected = model.base_model.adapter_load_targets(adapter_name)
-    own = dict(model.named_parameters())
-    own.update({k: v for k, v in model.named_buffers() if k not in own})
+    tuner, prefix = _adapted(model)
+    state_dict = {prefix + key: value for key, value in state_dict.items()}
+    expected = tuner.adapter_load_targets(adapter_name)
+    own = {prefix + k: v for k, v in model.named_parameters()}
+    own.update({prefix + k: v for k, v in model.named_buffers() if prefix + k not in own})
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(k for k in state_dict if k not in expected and k not in own)
     targets = {k: expected.get(k, own.get(k)) for k in state_dict if k in expected or k in own}
@@ -130,6 +164,7 @@ def set_peft_model_state_dict(
     with torch.no_grad():
         for key, target in targets.items():
             target.copy_(state_dict[key].to(device=target.device, dtype=target.dtype))
+    return nn.modules.module._IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
 
 def save_adapter_weights(

@@ -15,8 +15,10 @@ update can be folded into the base weight, :meth:`AdapterLayer.delta_weight`.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -34,11 +36,50 @@ BASE_ADAPTER_NAME = "__base__"  # the row label for "no adapter" in mixed-adapte
 SAVED_PREFIX = "base_model.model."  # on-disk names of adapter tensors start with this (HF PEFT's layout)
 
 
+_AUTOCAST_ADAPTER_DTYPE: ContextVar[bool] = ContextVar("autocast_adapter_dtype", default=True)
+
+
+@contextlib.contextmanager
+def adapter_dtype_policy(autocast_adapter_dtype: bool | None) -> Iterator[None]:
+    """Within the block, :func:`adapter_dtype` follows HF PEFT's ``autocast_adapter_dtype`` option: True
+    (the default) creates adapters over float16 / bfloat16 bases in float32, False in the base's dtype;
+    None keeps the enclosing block's setting."""
+    if autocast_adapter_dtype is None:
+        yield
+        return
+    token = _AUTOCAST_ADAPTER_DTYPE.set(bool(autocast_adapter_dtype))
+    try:
+        yield
+    finally:
+        _AUTOCAST_ADAPTER_DTYPE.reset(token)
+
+
+def layer_features(layer: nn.Module) -> tuple[int | None, int | None]:
+    """``(in_features, out_features)`` of a layer as HF PEFT's tuner layers report them: a linear layer's
+    own, a convolution's channels, an embedding's rows and width, transformers ``Conv1D``'s weight
+    ``(in, out)``; ``(None, None)`` for a layer of another kind."""
+    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return layer.in_channels, layer.out_channels
+    if isinstance(layer, nn.Embedding):
+        return layer.num_embeddings, layer.embedding_dim
+    if type(layer).__name__ == "Conv1D" and getattr(layer, "weight", None) is not None:
+        return int(layer.weight.shape[0]), int(layer.weight.shape[1])
+    if isinstance(layer, nn.MultiheadAttention):
+        return layer.embed_dim, layer.embed_dim
+    return None, None
+
+
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     """The dtype an adapter's parameters are created in on a base layer of ``base_dtype``: float32 over
-    half-precision or quantized bases, so that training is stable (HF PEFT's ``autocast_adapter_dtype``),
-    else the base's own."""
-    return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
+    half-precision bases, so that training is stable (unless :func:`adapter_dtype_policy` turned that
+    off: then the base's own), float32 over quantized (integer) bases, else the base's own."""
+    if base_dtype in (torch.float32, torch.float64):
+        return base_dtype
+    if base_dtype.is_floating_point and not _AUTOCAST_ADAPTER_DTYPE.get():
+        return base_dtype
+    return torch.float32
 
 
 class AdapterLayer(nn.Module):
@@ -65,6 +106,8 @@ class AdapterLayer(nn.Module):
         # A quantized base weight as it was before the first merge: unmerging puts it back exactly (a
         # plain list, so that it is not registered as a parameter of this module).
         self._weight_before_merge: list[nn.Parameter] = []
+        # HF PEFT's layers expose their base layer's sizes (methods may set them more precisely)
+        self.in_features, self.out_features = layer_features(self.get_base_layer())
 
     # ------------------------------------------------------------------------------- base access
     def get_base_layer(self) -> nn.Module:
@@ -135,6 +178,21 @@ class AdapterLayer(nn.Module):
             for param in self.adapter_parameters(name).values():
                 param.requires_grad_(trainable and name in names)
         self.active_adapters = [n for n in names if n in self.adapter_names]
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """HF PEFT's switch of one layer: on, the active adapters train and act; off, this layer runs its
+        base layer alone and no adapter parameter trains."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+        else:
+            for name in self.adapter_names:
+                for param in self.adapter_parameters(name).values():
+                    param.requires_grad_(False)
+        self.disable_adapters = not enabled
+
+    def _all_available_adapter_names(self) -> list[str]:
+        """HF PEFT's name: every adapter this layer holds, sorted."""
+        return sorted(self.adapter_names)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
@@ -281,6 +339,11 @@ class AdapterLayer(nn.Module):
         return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 
+#: HF PEFT's name for the base class of adapter layers (``peft.tuners.tuners_utils.BaseTunerLayer``), so
+#: that code written for HF PEFT (``isinstance(module, BaseTunerLayer)``) finds peftkit's layers.
+BaseTunerLayer = AdapterLayer
+
+
 class ModulesToSaveWrapper(nn.Module):
     """Keeps the original module and, per adapter, a trainable full copy (e.g. a classifier head).
 
@@ -298,6 +361,18 @@ class ModulesToSaveWrapper(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save.keys())
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """As :meth:`AdapterLayer.enable_adapters`: off, the original module runs and no copy trains."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+        else:
+            self.modules_to_save.requires_grad_(False)
+        self.disable_adapters = not enabled
 
     def add_adapter(self, adapter_name: str) -> None:
         import copy

@@ -22,13 +22,14 @@ from peftkit.core.checkpoint import (
     adapter_fingerprint,
     get_peft_model_state_dict,
     load_adapter_weights,
+    record_injected_tuner,
     save_adapter_weights,
     set_peft_model_state_dict,
     sized_by,
     validate_adapter_name,
 )
 from peftkit.core.config import CONFIG_NAME, PeftConfig, TaskType
-from peftkit.core.layer import SAVED_PREFIX, AdapterLayer, ModulesToSaveWrapper
+from peftkit.core.layer import SAVED_PREFIX, AdapterLayer, ModulesToSaveWrapper, adapter_dtype_policy
 from peftkit.core.registry import get_method
 from peftkit.core.targeting import name_matches
 from peftkit.core.tuner import BaseTuner, count_parameters
@@ -130,17 +131,25 @@ class PeftModel(nn.Module):
     #: transformers' "adapters are attached" flag: its Trainer refuses to train a quantized model without it
     _hf_peft_config_loaded: ClassVar[bool] = True
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool | None = None,
+        **_: Any,
+    ):
         super().__init__()
         if isinstance(model, PeftModel):
             raise TypeError("The model is already a PeftModel; use model.add_adapter(name, config) instead.")
         tuner_cls = _tuner_class_for(model, peft_config, adapter_name)
-        self.base_model: BaseTuner = tuner_cls(
-            model,
-            {adapter_name: peft_config},
-            adapter_name,
-            default_modules_to_save=self.default_modules_to_save,
-        )
+        with adapter_dtype_policy(autocast_adapter_dtype):
+            self.base_model: BaseTuner = tuner_cls(
+                model,
+                {adapter_name: peft_config},
+                adapter_name,
+                default_modules_to_save=self.default_modules_to_save,
+            )
 
     # ------------------------------------------------------------------------------- delegation
     def __getattr__(self, name: str) -> Any:
@@ -189,8 +198,14 @@ class PeftModel(nn.Module):
             reserved=self.base_model.reserved_names(),
         )
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, **_: Any) -> None:
-        """Add an adapter (not activated: call :meth:`set_adapter`). Nothing changes on error."""
+    def add_adapter(
+        self, adapter_name: str, peft_config: PeftConfig, autocast_adapter_dtype: bool | None = None, **_: Any
+    ) -> None:
+        """Add an adapter (not activated: call :meth:`set_adapter`). Nothing changes on error.
+
+        ``autocast_adapter_dtype`` (HF PEFT's option): over a float16 / bfloat16 base, create the adapter in
+        float32 (True, the default) or in the base's dtype (False); None keeps the setting of an enclosing
+        call (True outside any)."""
         self._check_new_adapter_name(adapter_name)
         current = str(self.active_peft_config.peft_type)
         # methods registered with the same tuner share its layers (AdapterFusion next to bottleneck adapters)
@@ -200,7 +215,8 @@ class PeftModel(nn.Module):
             )
         self.peft_config[adapter_name] = peft_config
         try:
-            self.base_model.inject_adapter(adapter_name)
+            with adapter_dtype_policy(autocast_adapter_dtype):
+                self.base_model.inject_adapter(adapter_name)
         except BaseException:
             del self.peft_config[adapter_name]
             raise
@@ -216,6 +232,12 @@ class PeftModel(nn.Module):
         """``with model.disable_adapter():`` runs the exact base model; the previous state returns."""
         with self.base_model.adapters_disabled():
             yield
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """HF PEFT's flag: the adapters act (not inside :meth:`disable_adapter`, not switched off by
+        ``disable_adapter_layers()``)."""
+        return self.base_model.adapters_enabled
 
     def get_layer_status(self) -> list[Any]:
         """HF PEFT's per-layer status records (see :func:`peftkit.get_layer_status`)."""
@@ -404,7 +426,21 @@ class PeftModel(nn.Module):
             ValueError: the checkpoint does not fit the model (keys and shapes are named); the base model
                 is left as it was.
         """
-        model_id = os.fspath(model_id)
+        with adapter_dtype_policy(kwargs.pop("autocast_adapter_dtype", None)):
+            return cls._from_pretrained(
+                model, os.fspath(model_id), adapter_name, is_trainable, config, **kwargs
+            )
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str,
+        adapter_name: str,
+        is_trainable: bool,
+        config: PeftConfig | None,
+        **kwargs: Any,
+    ) -> PeftModel:
         subfolder = kwargs.pop("subfolder", None)
         folder = os.path.join(model_id, subfolder) if subfolder else model_id
         if config is None:
@@ -441,12 +477,18 @@ class PeftModel(nn.Module):
 
     def load_adapter(
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
-    ) -> None:
+    ) -> nn.modules.module._IncompatibleKeys:
         """Load a saved adapter under ``adapter_name`` (not activated). An adapter that builds on others (an
         AdapterFusion) first loads those the model lacks, from where ``save_pretrained`` wrote them beside it.
-        Nothing changes on error."""
+        Nothing changes on error. ``autocast_adapter_dtype``: as in :meth:`add_adapter`.
+
+        Returns HF PEFT's load result; its key lists are empty (see :func:`set_peft_model_state_dict`)."""
+        with adapter_dtype_policy(kwargs.pop("autocast_adapter_dtype", None)):
+            self._load_adapter(os.fspath(model_id), adapter_name, is_trainable, **kwargs)
+        return nn.modules.module._IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+
+    def _load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool, **kwargs: Any) -> None:
         self._check_new_adapter_name(adapter_name)
-        model_id = os.fspath(model_id)
         subfolder = kwargs.pop("subfolder", None)
         folder = os.path.join(model_id, subfolder) if subfolder else model_id
         config = PeftConfig.from_pretrained(model_id, subfolder=subfolder).replace(
@@ -620,7 +662,9 @@ def inject_adapter_in_model(
             "inject_adapter_in_model(state_dict=...) is not supported by peftkit; set target_modules instead."
         )
     tuner_cls = _tuner_class_for(model, peft_config, adapter_name)
-    return tuner_cls(model, {adapter_name: peft_config}, adapter_name).model
+    tuner = tuner_cls(model, {adapter_name: peft_config}, adapter_name)
+    record_injected_tuner(model, tuner)  # for get_/set_peft_model_state_dict(model)
+    return model
 
 
 def _tuner_class_for(model: nn.Module, peft_config: PeftConfig, adapter_name: str) -> type[BaseTuner]:

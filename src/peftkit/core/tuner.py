@@ -476,6 +476,11 @@ class BaseTuner(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"No adapter named {adapter_name!r}; this model has {list(self.peft_config)}.")
+        if any(adapter_name in layer.merged_adapters for _, layer in self.adapter_layers()):
+            # as HF PEFT: unmerging here would also unmerge the other merged adapters of each layer
+            raise ValueError(
+                f"Cannot delete adapter(s) [{adapter_name!r}] while they are merged. Please unmerge them first."
+            )
         self._remove_adapter_modules(adapter_name)
         del self.peft_config[adapter_name]
         self.targeted_module_names.pop(adapter_name, None)
@@ -571,6 +576,37 @@ class BaseTuner(nn.Module):
                 module.disable_adapters = state
             for layer, names in merged:
                 layer.merge(adapter_names=names)
+
+    def enable_adapter_layers(self) -> None:
+        """HF PEFT's switch back on after :meth:`disable_adapter_layers` (every layer, every wrapper)."""
+        self._enable_adapter_layers(True)
+
+    def disable_adapter_layers(self) -> None:
+        """HF PEFT's in-place switch: every adapter layer and ``modules_to_save`` copy off, so the model
+        runs its base layers (trained biases, ``bias="all"``, stay: a warning says so)."""
+        for name in self.active_adapters:
+            bias = getattr(self.peft_config[name], "bias", "none")
+            if bias != "none":
+                warnings.warn(
+                    f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce "
+                    f"the same output as the base model would without adaption.",
+                    stacklevel=2,
+                )
+        self._enable_adapter_layers(False)
+
+    def _enable_adapter_layers(self, enabled: bool) -> None:
+        with self.module_walk_cached():
+            for _, module in [*self.adapter_layers(), *self.save_wrappers()]:
+                module.enable_adapters(enabled)
+            if enabled:
+                self._update_requires_grad()
+
+    @property
+    def adapters_enabled(self) -> bool:
+        """Whether the adapters act: not inside ``disable_adapter()`` nor switched off by
+        :meth:`disable_adapter_layers` (a model without adapter layers counts as enabled)."""
+        modules = [m for _, m in [*self.adapter_layers(), *self.save_wrappers()]]
+        return not modules or not all(m.disable_adapters for m in modules)
 
     # ---------------------------------------------------------------------------------- merging
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from peftkit.core.config import PeftConfig, PeftType
-from peftkit.core.layer import SAVED_PREFIX, AdapterLayer
+from peftkit.core.layer import SAVED_PREFIX, AdapterLayer, adapter_dtype
 from peftkit.core.registry import register_method
 from peftkit.core.tuner import BaseTuner
 from peftkit.methods.lora import LoraConfig
@@ -139,8 +139,7 @@ class AdaLoraLayer(AdapterLayer):
     def update_layer(self, adapter_name: str, r: int, config: AdaLoraConfig) -> None:
         """Add adapter ``adapter_name`` with rank ``r`` (``init_r``, or fewer for a pruned checkpoint)."""
         weight = self.get_base_layer().weight
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        kwargs = {"device": weight.device, "dtype": dtype}
+        kwargs = {"device": weight.device, "dtype": adapter_dtype(weight.dtype)}
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = config.lora_alpha
         self.scaling[adapter_name] = config.lora_alpha if config.lora_alpha > 0 else float(r)

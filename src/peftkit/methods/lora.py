@@ -20,7 +20,8 @@ A frozen weight ``W (out × in)`` gets a trainable low-rank update::
   decomposition.
 
 In a transformer block LoRA wraps the attention projections (and, with ``"all-linear"``, the MLP).
-Supported layers: ``nn.Linear``, GPT-2's ``Conv1D`` (``fan_in_fan_out``), ``nn.Embedding``, ``nn.Conv2d``.
+Supported layers: ``nn.Linear``, GPT-2's ``Conv1D`` (``fan_in_fan_out``), ``nn.Embedding``, ``nn.Conv1d``,
+``nn.Conv2d``, ``nn.Conv3d`` (grouped ones too, without merging).
 Parameter names and the checkpoint format are HF PEFT's.
 """
 
@@ -676,20 +677,45 @@ class Embedding(LoraLayer):
         return per_feature.view(1, -1)  # (1, dim) against the (vocab, dim) table
 
 
-class Conv2d(LoraLayer):
-    """LoRA on ``nn.Conv2d``: A is a conv with the base kernel (to rank r), B a 1×1 conv back out.
+class _ConvNd(LoraLayer):
+    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: A is a convolution with the base kernel (to
+    rank r), B a 1×1(×1) convolution back out, so ``ΔW[o, i, k…] = s · Σ_r B[o, r] · A[r, i, k…]``::
 
-    With DoRA ``m`` has one entry per output channel, stored as ``(1, out, 1, 1)`` (HF PEFT's shape, which
-    broadcasts against the ``(N, out, H, W)`` output), and the norm of each output channel's kernel is
-    taken over ``in × kh × kw``.
+        x ──► W ⋆ x ──────────────────────┐
+        └──► A ⋆ x (r channels) ──► B ⋆ · ─(+ s·)──► y
+
+    A grouped base (``groups = g``) gets a grouped B (HF PEFT's layout: ``r`` must be divisible by ``g``);
+    the update then mixes channels across groups, which a grouped kernel cannot hold, so such adapters do
+    not merge (and DoRA, which needs the merged kernel's norm, is refused).
+
+    With DoRA ``m`` has one entry per output channel, stored as ``(1, out, 1, …)`` (HF PEFT's shape, which
+    broadcasts against the ``(N, out, …)`` output), and the norm of each output channel's kernel is taken
+    over ``in × k…``.
     """
 
     def create_factors(self, adapter_name: str, r: int) -> None:
         base = self.get_base_layer()
-        if base.groups != 1:
-            raise ValueError(f"LoRA on grouped convolutions (groups={base.groups}) is not supported.")
+        if r % base.groups:
+            raise ValueError(
+                f"Targeting a {type(base).__name__} with groups={base.groups} and rank {r}. Currently, support "
+                f"is limited to conv layers where the rank is divisible by groups. Either choose a different "
+                f"rank or do not target this specific layer."
+            )
+        if base.groups > 1:
+            if self.use_dora[adapter_name]:
+                raise ValueError(
+                    f"DoRA on a grouped convolution (groups={base.groups}) is not supported: its update mixes "
+                    f"the groups, so the norm of the adapted kernel is not defined."
+                )
+            warnings.warn(
+                "LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.", stacklevel=2
+            )
+        conv = _CONV_BY_DIM[base.weight.dim()]
+        ones = (1,) * (base.weight.dim() - 2)
         kwargs = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
-        self.lora_A[adapter_name] = nn.Conv2d(
+        # A sees the input as the base kernel does (stride, padding and its mode, dilation), so that the
+        # merged kernel W + ΔW gives the same output as the two paths
+        self.lora_A[adapter_name] = conv(
             base.in_channels,
             r,
             base.kernel_size,
@@ -697,10 +723,11 @@ class Conv2d(LoraLayer):
             base.padding,
             base.dilation,
             bias=False,
+            padding_mode=base.padding_mode,
             **kwargs,
         )
-        self.lora_B[adapter_name] = nn.Conv2d(
-            r, base.out_channels, (1, 1), (1, 1), bias=self.lora_bias[adapter_name], **kwargs
+        self.lora_B[adapter_name] = conv(
+            r, base.out_channels, ones, ones, groups=base.groups, bias=self.lora_bias[adapter_name], **kwargs
         )
 
     def adapter_delta(self, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor) -> torch.Tensor:
@@ -710,33 +737,56 @@ class Conv2d(LoraLayer):
         if not self.use_dora[adapter_name]:
             return lora_B(lora_A(dropout(x))) * scaling
         # DoRA: y = m/‖W+ΔW‖ · (W ⋆ x + s·B ⋆ A ⋆ x) + b, returned as a change of the base output.
-        mag_norm_scale = self._dora_scale(adapter_name)  # (1, out, 1, 1)
+        mag_norm_scale = self._dora_scale(adapter_name)  # (1, out, 1, …)
+        base = self.get_base_layer()
         if isinstance(dropout, nn.Identity) or not self.training:
             bias = self.bias
-            base_no_bias = base_output if bias is None else base_output - bias.view(1, -1, 1, 1)
+            per_channel = (1, -1) + (1,) * (base_output.dim() - 2)
+            base_no_bias = base_output if bias is None else base_output - bias.view(per_channel)
             dropped = x
         else:
             # both terms of the change see the dropped-out input: W ⋆ x is recomputed on it
             dropped = dropout(x)
-            base = self.get_base_layer()
-            base_no_bias = F.conv2d(
-                dropped, base.weight.to(x.dtype), None, base.stride, base.padding, base.dilation, base.groups
-            )
-        lora_out = lora_B(lora_A(dropped))  # (N, out, H, W)
+            base_no_bias = base._conv_forward(dropped, base.weight.to(x.dtype), None)
+        lora_out = lora_B(lora_A(dropped))  # (N, out, …)
         return (mag_norm_scale - 1) * base_no_bias + mag_norm_scale * lora_out * scaling
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        groups = self.get_base_layer().groups
+        if groups > 1:
+            raise ValueError(
+                f"Merging is not supported for LoRA on a grouped convolution (groups={groups}): the update "
+                f"mixes channels across groups, which the grouped kernel cannot hold."
+            )
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         # composing the two convolutions: B is 1×1, so the product is a per-kernel-position matmul
-        delta = torch.einsum("or,rihw->oihw", B[:, :, 0, 0], A)
+        delta = torch.einsum("or,ri...->oi...", B.flatten(1), A)
         return delta * self.scaling[adapter_name]
 
     def _dora_norm(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """‖W + ΔW‖ over ``in × kh × kw`` for each output channel: shape ``(1, out, 1, 1)``."""
-        return torch.linalg.vector_norm(weight + delta, dim=(1, 2, 3), keepdim=True).transpose(0, 1)
+        """‖W + ΔW‖ over ``in × k…`` for each output channel: shape ``(1, out, 1, …)``."""
+        dims = tuple(range(1, weight.dim()))
+        return torch.linalg.vector_norm(weight + delta, dim=dims, keepdim=True).transpose(0, 1)
 
     def _to_weight_layout(self, per_feature: torch.Tensor) -> torch.Tensor:
-        return per_feature.view(-1, 1, 1, 1)  # (out, 1, 1, 1) against the (out, in, kh, kw) kernel
+        # (out, 1, …) against the (out, in, k…) kernel
+        return per_feature.reshape(-1, *(1,) * (self.get_base_layer().weight.dim() - 1))
+
+
+class Conv1d(_ConvNd):
+    """LoRA on ``nn.Conv1d`` (see :class:`_ConvNd`)."""
+
+
+class Conv2d(_ConvNd):
+    """LoRA on ``nn.Conv2d`` (see :class:`_ConvNd`)."""
+
+
+class Conv3d(_ConvNd):
+    """LoRA on ``nn.Conv3d`` (see :class:`_ConvNd`)."""
+
+
+_CONV_BY_DIM: dict[int, type[nn.Module]] = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
+_LORA_CONV_BY_DIM: dict[int, type[_ConvNd]] = {3: Conv1d, 4: Conv2d, 5: Conv3d}
 
 
 class LoraModel(BaseTuner):
@@ -959,6 +1009,11 @@ def _combine_into(
     svd_clamp: float | None,
 ) -> None:
     """Write the combination of ``adapters`` into the factors of ``new_name`` on one layer."""
+    if isinstance(layer, _ConvNd) and layer.get_base_layer().groups > 1:
+        raise ValueError(
+            "add_weighted_adapter does not support LoRA on grouped convolutions (groups > 1): their update "
+            "is not a product of the two factors' matrices."
+        )
     embedding = isinstance(layer, Embedding)
     present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapter_names]
 
@@ -997,11 +1052,11 @@ def _new_lora_layer(base: nn.Module, target: nn.Module, target_name: str, config
         return Linear(target, fan_in_fan_out=fan_in_fan_out)
     if isinstance(base, nn.Embedding):
         return Embedding(target)
-    if isinstance(base, nn.Conv2d):
-        return Conv2d(target)
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return _LORA_CONV_BY_DIM[base.weight.dim()](target)
     raise ValueError(
         f"LoRA cannot wrap {target_name} ({type(base).__name__}); supported layers are torch.nn.Linear, "
-        f"transformers Conv1D, torch.nn.Embedding and torch.nn.Conv2d. Narrow target_modules."
+        f"transformers Conv1D, torch.nn.Embedding and torch.nn.Conv1d/Conv2d/Conv3d. Narrow target_modules."
     )
 
 

@@ -339,6 +339,10 @@ class PromptTuner(BaseTuner):
         finally:
             self.__dict__["_prompts_disabled"] = previous
 
+    @property
+    def adapters_enabled(self) -> bool:
+        return not self.__dict__.get("_prompts_disabled", False)
+
     # ----------------------------------------------------------------------------- checkpoints
     def saved_config_fields(self, adapter_name: str) -> dict[str, Any]:
         dims = self.prompt_dims[adapter_name]
