@@ -229,3 +229,77 @@ def test_peftkit_train_runs_the_allocation_through_on_step_end(tmp_path):
     assert sum(sum(kept) for kept in saved["rank_pattern"].values()) == 2 * N_LAYERS
     tensors = load_file(run / "adapter_model.safetensors")
     assert sum(v.shape[0] for k, v in tensors.items() if k.endswith(".lora_E")) == 2 * N_LAYERS
+
+
+# ------------------------------------------------------------------------------------------- Conv2d
+class _ConvNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(6, 4, 3, stride=2, bias=False)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv2(torch.relu(self.conv1(pixels))).mean((2, 3)))
+
+
+PIXELS = torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(7))
+
+
+def test_conv2d_adapter_is_the_reshaped_svd_form_applied_as_a_convolution():
+    model = get_peft_model(
+        _ConvNet(), AdaLoraConfig(**schedule(target_modules=["conv1", "conv2"], init_lora_weights=False))
+    )
+    layer = model.base_model.model.conv2
+    A, B, E = (getattr(layer, k)["default"] for k in ("lora_A", "lora_B", "lora_E"))
+    assert A.shape == (6, 6 * 3 * 3) and B.shape == (4, 6) and E.shape == (6, 1)
+    kernel = (B @ (A * E)).reshape(4, 6, 3, 3) * layer.scaling["default"] / (6 + 1e-5)
+    x = torch.randn(2, 6, 7, 7)
+    with torch.no_grad():
+        expected = layer.get_base_layer()(x) + torch.nn.functional.conv2d(x, kernel, stride=2)
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_conv2d_update_and_allocate_equals_hf_peft_step_for_step(tmp_path):
+    peft = pytest.importorskip("peft")
+    kwargs = schedule(target_modules=["conv1", "conv2"], total_step=8, tinit=1, tfinal=2, deltaT=2)
+    reference = peft.get_peft_model(_ConvNet(), peft.AdaLoraConfig(**kwargs))
+    reference.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(_ConvNet(), tmp_path, is_trainable=True)
+    models = (reference, ours)
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in models]
+    for step in range(kwargs["total_step"]):
+        losses = []
+        for model, optimizer in zip(models, optimizers):
+            model.train()
+            loss = model(PIXELS).square().mean()
+            loss.backward()
+            optimizer.step()
+            model.base_model.update_and_allocate(step)
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-7), f"step {step}"
+    for (name, p), (name_ours, q) in zip(
+        ((n, p) for n, p in reference.named_parameters() if "lora_" in n),
+        ((n, p) for n, p in ours.named_parameters() if "lora_" in n),
+    ):
+        assert name == name_ours
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+    hf_pattern = {
+        k.removesuffix(".default"): v for k, v in reference.peft_config["default"].rank_pattern.items()
+    }
+    assert ours.base_model.rank_pattern() == hf_pattern
+    ours.eval().save_pretrained(str(tmp_path / "ours"))
+    reloaded = peft.PeftModel.from_pretrained(_ConvNet(), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(PIXELS), ours(PIXELS), atol=1e-5, rtol=0)
+        unmerged = ours(PIXELS)
+        torch.testing.assert_close(ours.merge_and_unload()(PIXELS), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_conv2d_is_refused_and_the_model_unchanged():
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match=r"grouped convolutions \(groups=2\)"):
+        get_peft_model(model, AdaLoraConfig(**schedule(target_modules=["0"])))
+    assert type(model[0]) is torch.nn.Conv2d

@@ -24,7 +24,7 @@ Call ``model.base_model.update_and_allocate(global_step)`` after each ``optimize
 ``zero_grad()`` (``peftkit train`` does, through the generic ``on_step_end`` hook). After ``T - tfinal`` the
 allocation is fixed; it is saved as ``rank_pattern`` in ``adapter_config.json`` (one bool per initial rank,
 keyed ``<module>.lora_E``) and the saved tensors keep only the surviving ranks, exactly as HF PEFT does.
-Supported layers: ``nn.Linear``, GPT-2's ``Conv1D``, bitsandbytes 4-bit / 8-bit linears.
+Supported layers: ``nn.Linear``, GPT-2's ``Conv1D``, bitsandbytes 4-bit / 8-bit linears, ``nn.Conv2d``.
 """
 
 from __future__ import annotations
@@ -119,13 +119,16 @@ class AdaLoraLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = fan_in_fan_out
         base = self.get_base_layer()
         if self.base_is_quantized:
             self.in_features, self.out_features = base.in_features, base.out_features
         else:
             out_features, in_features = base.weight.shape[::-1] if fan_in_fan_out else base.weight.shape
             self.in_features, self.out_features = in_features, out_features
+        self._init_containers(fan_in_fan_out)
+
+    def _init_containers(self, fan_in_fan_out: bool) -> None:
+        self.fan_in_fan_out = fan_in_fan_out
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_E = nn.ParameterDict()
@@ -146,13 +149,18 @@ class AdaLoraLayer(AdapterLayer):
         self.ranknum[adapter_name] = torch.tensor(float(config.init_r)) + 1e-5
         p = config.lora_dropout
         self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
-        self.lora_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features).to(**kwargs))
+        self.lora_A[adapter_name] = nn.Parameter(torch.randn(r, self.factor_in_features).to(**kwargs))
         self.lora_E[adapter_name] = nn.Parameter(torch.randn(r, 1).to(**kwargs))
         self.lora_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r).to(**kwargs))
         if config.init_lora_weights:  # Λ = 0: a new adapter changes nothing
             nn.init.zeros_(self.lora_E[adapter_name])
             nn.init.normal_(self.lora_A[adapter_name], mean=0.0, std=0.02)
             nn.init.normal_(self.lora_B[adapter_name], mean=0.0, std=0.02)
+
+    @property
+    def factor_in_features(self) -> int:
+        """Columns of ``Q`` (``lora_A``): the base weight's input features."""
+        return self.in_features
 
     def adapter_delta(self, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor) -> torch.Tensor:
         A, B, E = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
@@ -166,6 +174,40 @@ class AdaLoraLayer(AdapterLayer):
         A, B, E = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
         delta = B @ (A * E) * self.scaling[adapter_name] / self.ranknum[adapter_name]
         return delta.T if self.fan_in_fan_out else delta
+
+
+class SVDConv2d(AdaLoraLayer):
+    """AdaLoRA on ``nn.Conv2d`` (HF PEFT's ``SVDConv2d``): ``Q`` has ``in × kh × kw`` columns, and the update
+    ``s / r₀ · P (Λ ⊙ Q)``, reshaped to the ``(out, in, kh, kw)`` kernel, is applied as a convolution with
+    the base layer's stride, padding and dilation::
+
+        x ──► W ⋆ x ─────────────────────────────┐
+        └──► (s/r₀ · P(Λ⊙Q)).view(W.shape) ⋆ x ──(+)──► y
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        base = base_layer.get_base_layer() if isinstance(base_layer, AdapterLayer) else base_layer
+        if base.groups != 1:
+            raise ValueError(f"AdaLoRA on grouped convolutions (groups={base.groups}) is not supported.")
+        AdapterLayer.__init__(self, base_layer)  # in_features / out_features: the channels
+        self._init_containers(fan_in_fan_out=False)
+
+    @property
+    def factor_in_features(self) -> int:
+        kh, kw = self.get_base_layer().kernel_size
+        return self.in_features * kh * kw
+
+    def adapter_delta(self, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor) -> torch.Tensor:
+        A, base = self.lora_A[adapter_name], self.get_base_layer()
+        # HF PEFT's order of operations: the kernel first, then one convolution
+        kernel = self.delta_weight(adapter_name)
+        dropped = self.lora_dropout[adapter_name](x.to(A.dtype))
+        return base._conv_forward(dropped, kernel, None)  # the base's stride, padding (and mode), dilation
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B, E = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
+        delta = B @ (A * E) * self.scaling[adapter_name] / self.ranknum[adapter_name]
+        return delta.reshape(self.get_base_layer().weight.shape)
 
 
 class RankAllocator:
@@ -284,11 +326,13 @@ class AdaLoraModel(BaseTuner):
             layer = AdaLoraLayer(target, fan_in_fan_out=True)
         elif isinstance(base, nn.Linear):
             layer = AdaLoraLayer(target, fan_in_fan_out=False)
+        elif isinstance(base, nn.Conv2d):
+            layer = SVDConv2d(target)
         else:
             raise ValueError(
                 f"AdaLoRA cannot wrap {target_name} ({type(base).__name__}); supported layers are "
-                f"torch.nn.Linear (also bitsandbytes 4-bit / 8-bit) and transformers Conv1D. Narrow "
-                f"target_modules."
+                f"torch.nn.Linear (also bitsandbytes 4-bit / 8-bit), transformers Conv1D and torch.nn.Conv2d. "
+                f"Narrow target_modules."
             )
         layer.update_layer(adapter_name, r, config)
         return layer
