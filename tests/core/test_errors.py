@@ -17,6 +17,7 @@ import os
 import pickle
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -362,13 +363,39 @@ def test_bad_adapter_config_is_rejected_and_model_unchanged(tmp_path: Path, edit
 def test_unknown_extra_config_key_loads_with_warning_naming_it(tmp_path: Path) -> None:
     folder = save_adapter(tmp_path / "adapter")
     _rewrite_config(folder, json.dumps({**_config_dict(folder), "some_future_option": 3}))
-    with pytest.warns(UserWarning, match=r"Ignoring adapter config keys .*: some_future_option"):
+    with pytest.warns(
+        UserWarning, match=r"Unexpected keyword arguments \['some_future_option'\] for class LoraConfig"
+    ):
         peft_model = PeftModel.from_pretrained(tiny_llama(), folder)
     saved = load_file(folder / "adapter_model.safetensors")
     loaded = dict(peft_model.base_model.adapter_parameter_map("default"))
     assert {"base_model.model." + k for k in loaded} == set(saved)
     for key, param in loaded.items():
         assert torch.equal(param.detach(), saved["base_model.model." + key])
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("use_qalora", True), ("layer_replication", [[0, 1], [0, 1]]), ("target_parameters", ["w"])],
+)
+def test_config_key_of_an_unimplemented_hf_feature_is_an_error_and_loads_nothing(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    """HF PEFT options peftkit lacks that change the outputs: an error naming the key, model unchanged. The
+    same key at HF PEFT's "feature unused" default loads silently."""
+    folder = save_adapter(tmp_path / "adapter")
+    config = _config_dict(folder)
+    _rewrite_config(folder, json.dumps({**config, key: value}))
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"sets {key}=.*does not implement"):
+        PeftModel.from_pretrained(model, folder)
+    assert_unchanged(model, before)
+    assert_plain_model(model)
+    _rewrite_config(folder, json.dumps({**config, key: None if key != "use_qalora" else False}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PeftModel.from_pretrained(tiny_llama(), folder)
 
 
 # --------------------------------------------------------------------------------- adapter names

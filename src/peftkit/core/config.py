@@ -159,6 +159,10 @@ class PeftConfig:
     #: keys HF PEFT writes that this config does not have, with the HF default meaning "feature unused";
     #: they are dropped silently when they hold that value.
     foreign_defaults: ClassVar[dict[str, Any]] = {}
+    #: keys HF PEFT writes for features this config does not implement and that change what the adapter
+    #: computes (``use_qalora``, ``layer_replication``, ...): loading a file that sets one (to anything but
+    #: "feature unused") is an error naming it, since dropping it would give other outputs.
+    unsupported_fields: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         if self.task_type is not None:
@@ -166,8 +170,8 @@ class PeftConfig:
                 self.task_type = TaskType(str(self.task_type))
             except ValueError:
                 allowed = ", ".join(t.value for t in TaskType)
-                raise ValueError(
-                    f"Unknown task_type {self.task_type!r}; use one of: {allowed} (or None)."
+                raise ValueError(  # HF PEFT's words
+                    f"Invalid task type: '{self.task_type}'. Must be one of the following task types: {allowed}."
                 ) from None
         try:
             self.validate()  # the method's own, more specific messages first
@@ -269,10 +273,18 @@ class PeftConfig:
             and data[k] not in (None, {}, [], False)
             and data[k] != target_cls.foreign_defaults.get(k, object())
         ]
-        if reported:
+        unsupported = [k for k in reported if k in target_cls.unsupported_fields]
+        if unsupported:
+            raise ValueError(
+                f"This adapter config sets {', '.join(f'{k}={data[k]!r}' for k in unsupported)}, which peftkit's "
+                f"{target_cls.__name__} does not implement; ignoring it would give different outputs. Load the "
+                f"adapter with HF PEFT instead."
+            )
+        if reported:  # keys nobody here knows (a newer HF PEFT's?): HF PEFT's forward-compatible warning
             warnings.warn(
-                f"Ignoring adapter config keys that {target_cls.__name__} does not know: "
-                f"{', '.join(reported)}.",
+                f"Unexpected keyword arguments {reported} for class {target_cls.__name__}, these are ignored. "
+                f"This probably means that you're loading a configuration file that was saved using a higher "
+                f"version of the library and additional parameters have been introduced since.",
                 stacklevel=2,
             )
         return target_cls(**{k: v for k, v in data.items() if k in known})

@@ -278,13 +278,17 @@ class AdapterLayer(nn.Module):
         weight = self.base_weight().detach()
         bias = base.bias.data if getattr(base, "bias", None) is not None else None
         newly_merged = []
-        for name in names:
-            if name not in self.adapter_names:
-                continue
+        held = [n for n in names if n in self.adapter_names]
+        if held and all(n in self.merged_adapters for n in held):
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=3)  # HF PEFT's words
+        elif any(n in self.merged_adapters for n in held):
+            warnings.warn(
+                f"Adapters {[n for n in held if n in self.merged_adapters]} are already merged; merging them "
+                f"again changes nothing.",
+                stacklevel=3,
+            )
+        for name in held:
             if name in self.merged_adapters:
-                warnings.warn(
-                    f"Adapter {name!r} is already merged; merging it again changes nothing.", stacklevel=3
-                )
                 continue
             weight = self.merge_weight(weight, name)  # out of place: the base is untouched until the end
             if bias is not None:

@@ -9,6 +9,7 @@ never names a method.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,3 +49,28 @@ def get_method(peft_type: str) -> MethodSpec:
 
 def registered_methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+class _RegistryView(Mapping[str, type]):
+    """A live, read-only ``peft_type -> class`` view of the registry (HF PEFT's mapping names)."""
+
+    def __init__(self, attribute: str) -> None:
+        self._attribute = attribute
+
+    def __getitem__(self, peft_type: object) -> type:
+        return getattr(_REGISTRY[str(peft_type)], self._attribute)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registered_methods())
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+    def __repr__(self) -> str:
+        return f"{{{', '.join(f'{k!r}: {self[k].__name__}' for k in self)}}}"
+
+
+#: HF PEFT's ``peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING`` / ``PEFT_TYPE_TO_TUNER_MAPPING``: every
+#: registered method's config class / tuner class by ``peft_type``.
+PEFT_TYPE_TO_CONFIG_MAPPING: Mapping[str, type] = _RegistryView("config_cls")
+PEFT_TYPE_TO_TUNER_MAPPING: Mapping[str, type] = _RegistryView("tuner_cls")

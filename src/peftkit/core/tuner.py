@@ -475,7 +475,9 @@ class BaseTuner(nn.Module):
     # ---------------------------------------------------------------------------------- deletion
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(f"No adapter named {adapter_name!r}; this model has {list(self.peft_config)}.")
+            raise ValueError(
+                f"Adapter {adapter_name} does not exist; this model has {list(self.peft_config)}."
+            )
         if any(adapter_name in layer.merged_adapters for _, layer in self.adapter_layers()):
             # as HF PEFT: unmerging here would also unmerge the other merged adapters of each layer
             raise ValueError(

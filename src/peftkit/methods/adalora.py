@@ -92,15 +92,17 @@ class AdaLoraConfig(LoraConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
         if self.total_step is None or self.total_step <= 0:
-            raise ValueError(
-                "AdaLoRA needs total_step (the number of training steps, > 0) to schedule the rank budget."
+            raise ValueError(  # HF PEFT's words, then why
+                "AdaLoRA does not work when `total_step` is None, supply a value > 0. (It is the number of "
+                "training steps, which schedules the rank budget.)"
             )
         if self.tinit < 0 or self.tfinal < 0:
             raise ValueError(f"tinit={self.tinit} and tfinal={self.tfinal} must be >= 0.")
         if self.tinit >= self.total_step - self.tfinal:
             raise ValueError(
-                f"tinit={self.tinit}, tfinal={self.tfinal} and total_step={self.total_step} leave no steps to "
-                f"cut ranks in; decrease tinit / tfinal or increase total_step."
+                f"The supplied schedule values don't allow for a budgeting phase: tinit={self.tinit}, "
+                f"tfinal={self.tfinal} and total_step={self.total_step} leave no steps to cut ranks in; decrease "
+                f"tinit / tfinal or increase total_step."
             )
         for name in ("beta1", "beta2"):
             if not 0 < getattr(self, name) < 1:
@@ -108,7 +110,11 @@ class AdaLoraConfig(LoraConfig):
         if self.orth_reg_weight < 0:
             raise ValueError(f"orth_reg_weight={self.orth_reg_weight} must be >= 0.")
         if self.r != 8:
-            warnings.warn("AdaLoRA does not use r; the initial rank is init_r.", stacklevel=3)
+            warnings.warn(
+                "Note that `r` is not used in AdaLora and will be ignored. If you intended to set the initial "
+                "rank, use `init_r` instead.",
+                stacklevel=3,
+            )
 
 
 class AdaLoraLayer(AdapterLayer):

@@ -91,6 +91,21 @@ class LoraConfig(PeftConfig):
     lora_bias: bool = False
 
     foreign_defaults: ClassVar[dict[str, Any]] = {"megatron_core": "megatron.core", "qalora_group_size": 16}
+    # HF PEFT options that change the layers or the forward (init-time-only options such as loftq_config or
+    # eva_config are not here: a trained adapter's file already holds their effect)
+    unsupported_fields: ClassVar[tuple[str, ...]] = (
+        "megatron_config",
+        "trainable_token_indices",
+        "alora_invocation_tokens",
+        "use_qalora",
+        "monteclora_config",
+        "layer_replication",
+        "target_parameters",
+        "use_bdlora",
+        "arrow_config",
+        "kasa_config",
+        "ensure_weight_tying",
+    )
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.LORA
