@@ -328,6 +328,43 @@ class PeftModel(nn.Module):
                 os.replace(os.path.join(tmp, file), os.path.join(folder, file))
             os.rmdir(tmp)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        selected_adapters: Sequence[str] | None = None,
+        **_: Any,
+    ) -> Any:
+        """Upload the adapters to the Hugging Face Hub repository ``repo_id`` (created if missing), as HF
+        PEFT's ``push_to_hub`` does: exactly the files :meth:`save_pretrained` writes (adapter configs,
+        weights, ``README.md`` model card), staged in a temporary folder that is removed afterwards, so
+        nothing is left on disk. Returns ``huggingface_hub``'s commit info.
+
+        Raises:
+            huggingface_hub's errors (e.g. ``OfflineModeIsEnabled`` with ``HF_HUB_OFFLINE=1``, an
+            authentication error without a token); the model is never changed.
+        """
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory(prefix="peftkit-push-") as staging:
+            self.save_pretrained(
+                staging, safe_serialization=safe_serialization, selected_adapters=selected_adapters
+            )
+            repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            return api.upload_folder(
+                repo_id=repo.repo_id,
+                folder_path=staging,
+                commit_message=commit_message or "Upload adapter (peftkit)",
+                revision=revision,
+                create_pr=create_pr,
+            )
+
     def create_or_update_model_card(self, output_dir: str, existing: str | None = None) -> None:
         """Write ``output_dir/README.md`` as HF PEFT does: the model card of ``existing`` (default: the one in
         ``output_dir``) or a new one, with ``library_name: peft``, the base model, tags (``transformers``,
