@@ -71,6 +71,21 @@ def layer_features(layer: nn.Module) -> tuple[int | None, int | None]:
     return None, None
 
 
+@contextlib.contextmanager
+def parameter_override(module: nn.Module, name: str, value: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``module.<name>`` reads ``value`` (e.g. ``W + ΔW``, a tensor computed from the
+    parameter) while the parameter itself stays registered and untouched: the placement of adapters that
+    change a parameter which the module's own forward reads (fused expert weights, an attention block's
+    packed projection). Gradients flow into whatever ``value`` was computed from."""
+    if name in module.__dict__:
+        raise RuntimeError(f"{type(module).__name__}.{name} is already overridden.")
+    module.__dict__[name] = value  # found before nn.Module.__getattr__ looks in _parameters
+    try:
+        yield
+    finally:
+        del module.__dict__[name]
+
+
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     """The dtype an adapter's parameters are created in on a base layer of ``base_dtype``: float32 over
     half-precision bases, so that training is stable (unless :func:`adapter_dtype_policy` turned that

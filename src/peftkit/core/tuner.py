@@ -106,6 +106,7 @@ class BaseTuner(nn.Module):
         self.active_adapters: list[str] = [adapter_name]
         self.default_modules_to_save = list(default_modules_to_save)
         self.targeted_module_names: dict[str, list[str]] = {}
+        self.targeted_parameter_names: dict[str, list[str]] = {}  # see inject_parameters
         self.base_selections: dict[str, BaseParameterSelection] = {}  # in-place adapters only
         # restored if the first injection fails or the adapters are removed again
         self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -153,6 +154,13 @@ class BaseTuner(nn.Module):
         """Full names of the modules to wrap (HF PEFT's ``target_modules`` rules); a method that wraps
         nothing returns ``[]``."""
         return find_target_names(self.model, config, modules_to_save=modules_to_save)
+
+    def inject_parameters(self, adapter_name: str, config: PeftConfig) -> list[str]:
+        """Adapters placed on parameters rather than on modules (LoRA's ``target_parameters``): wrap what the
+        config selects, after the module targets, and return the parameters' full names. The default
+        places nothing. Whatever it wraps is an :class:`AdapterLayer`, so rollback, deletion and saving
+        need nothing more."""
+        return []
 
     def select_base_parameters(self, adapter_name: str, config: PeftConfig) -> BaseParameterSelection | None:
         """In-place methods: the model's own parameters this adapter trains. Called after the
@@ -335,6 +343,7 @@ class BaseTuner(nn.Module):
                 new_module = self.create_or_update_layer(target, name, config, adapter_name)
                 if new_module is not None:
                     setattr(parent, child_name, new_module)
+            self.targeted_parameter_names[adapter_name] = self.inject_parameters(adapter_name, config)
             self._wrap_modules_to_save(adapter_name, config)
             selection = self.select_base_parameters(adapter_name, config)
             if selection is not None:
@@ -486,6 +495,7 @@ class BaseTuner(nn.Module):
         self._remove_adapter_modules(adapter_name)
         del self.peft_config[adapter_name]
         self.targeted_module_names.pop(adapter_name, None)
+        self.targeted_parameter_names.pop(adapter_name, None)
         remaining = [n for n in self.active_adapters if n != adapter_name]
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]

@@ -107,6 +107,8 @@ class AdaLoraConfig(LoraConfig):
         for name in ("beta1", "beta2"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in (0, 1).")
+        if self.target_parameters:
+            raise ValueError("AdaLoRA does not support target_parameters; use LoraConfig for parameters.")
         if self.orth_reg_weight < 0:
             raise ValueError(f"orth_reg_weight={self.orth_reg_weight} must be >= 0.")
         if self.r != 8:

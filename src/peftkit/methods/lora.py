@@ -39,7 +39,7 @@ from torch import nn
 
 from peftkit.core.checkpoint import validate_adapter_name
 from peftkit.core.config import PeftConfig, PeftType
-from peftkit.core.layer import AdapterLayer, adapter_dtype, linear_fan_in_fan_out
+from peftkit.core.layer import AdapterLayer, adapter_dtype, linear_fan_in_fan_out, parameter_override
 from peftkit.core.merge import combine_cat, combine_linear, combine_svd
 from peftkit.core.registry import register_method
 from peftkit.core.targeting import check_module_names, per_module_value
@@ -71,6 +71,9 @@ class LoraConfig(PeftConfig):
         use_dora: weight-decomposed LoRA (every supported layer type).
         lora_bias: give ``B`` a bias (HF PEFT's option; not with DoRA, embeddings, or PiSSA / OLoRA init);
             merging adds ``s · b_B`` to the base layer's bias, which must exist.
+        target_parameters: parameters to adapt directly, by name or dotted suffix (``"experts.gate_up_proj"``):
+            the 3-D expert weights of MoE blocks, which ``target_modules`` cannot reach (see
+            :class:`ParamWrapper`). With it, ``target_modules=None`` targets no module.
     """
 
     r: int = 8
@@ -89,6 +92,7 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
     lora_bias: bool = False
+    target_parameters: list[str] | None = None
 
     foreign_defaults: ClassVar[dict[str, Any]] = {"megatron_core": "megatron.core", "qalora_group_size": 16}
     # HF PEFT options that change the layers or the forward (init-time-only options such as loftq_config or
@@ -100,7 +104,6 @@ class LoraConfig(PeftConfig):
         "use_qalora",
         "monteclora_config",
         "layer_replication",
-        "target_parameters",
         "use_bdlora",
         "arrow_config",
         "kasa_config",
@@ -131,6 +134,11 @@ class LoraConfig(PeftConfig):
             raise ValueError(
                 "The argument lora_bias=True is not supported for DoRA, please pass use_dora=False"
             )
+        if self.target_parameters is not None and (
+            not isinstance(self.target_parameters, (list, tuple))
+            or not all(isinstance(t, str) for t in self.target_parameters)
+        ):
+            raise TypeError("`target_parameters` must be a list of strings or None.")
         init = _init_kind(self.init_lora_weights)
         if not (
             isinstance(init, bool) or init in ("gaussian", "pissa", "olora") or _pissa_niter(init) is not None
@@ -800,6 +808,89 @@ class Conv3d(_ConvNd):
     """LoRA on ``nn.Conv3d`` (see :class:`_ConvNd`)."""
 
 
+class ParamWrapper(LoraLayer):
+    """LoRA on a parameter that a module's own forward reads (``target_parameters``): the fused expert
+    weights of mixture-of-experts blocks (transformers 5 stores Mixtral's, Qwen-MoE's, gpt-oss's experts as
+    3-D parameters, which ``target_modules`` cannot reach), or any 2-D weight. During the forward the module
+    sees ``W + ΔW`` in place of its parameter (:func:`~peftkit.core.layer.parameter_override`)::
+
+        experts.gate_up_proj  W (E, out, in)          ΔW[e] = s · B_e A_e,  A_e: r × in,  B_e: out × r
+        x ──► experts.forward(x) reading W + ΔW
+
+    HF PEFT's layout: ``lora_A`` is ``Linear(in, r·E)`` (rows ``e·r + k``), ``lora_B`` is
+    ``Linear(r·E, out)`` (columns ``k·E + e``). A 3-D parameter is stored ``(E, out, in)`` unless its module
+    says ``is_transposed`` (then ``(E, in, out)``). Several parameters of one module nest wrappers, the first
+    registered innermost (HF PEFT's tensor names: ``experts.base_layer.lora_A.weight``, ...). Dropout,
+    DoRA, ``lora_bias`` and mixed-adapter batches do not apply (x cannot be factored out of the module).
+    """
+
+    def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
+        super().__init__(base_layer)
+        self.parameter_name = parameter_name
+        shape = self.get_param().shape
+        if len(shape) == 3:
+            self.num_experts, first, second = shape
+            transposed = getattr(self.get_base_layer(), "is_transposed", False)
+            self.in_features, self.out_features = (first, second) if transposed else (second, first)
+            self.stored_out_in = not transposed
+        elif len(shape) == 2:
+            self.num_experts = 1
+            self.out_features, self.in_features = shape
+            self.stored_out_in = True
+        else:
+            raise ValueError(
+                f"target_parameters: {parameter_name} has {len(shape)} dimensions; only 2-D and 3-D "
+                f"parameters are supported."
+            )
+
+    def get_param(self) -> nn.Parameter:
+        return getattr(self.get_base_layer(), self.parameter_name)
+
+    def extra_repr(self) -> str:
+        return f"parameter_name={self.parameter_name!r}"
+
+    def create_factors(self, adapter_name: str, r: int) -> None:
+        param = self.get_param()
+        kwargs = {"device": param.device, "dtype": adapter_dtype(param.dtype)}
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r * self.num_experts, bias=False, **kwargs)
+        self.lora_B[adapter_name] = nn.Linear(r * self.num_experts, self.out_features, bias=False, **kwargs)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        scaling = self.scaling[adapter_name]
+        if self.num_experts == 1 and self.get_param().dim() == 2:
+            return (B @ A) * scaling
+        A = A.reshape(self.num_experts, -1, A.shape[-1])  # (E, r, in)
+        B = B.reshape(B.shape[0], -1, self.num_experts)  # (out, r, E)
+        layout = "e o i" if self.stored_out_in else "e i o"
+        return torch.einsum(f"o r e, e r i -> {layout}", B, A) * scaling
+
+    # the parameter plays the base weight's part in merging
+    def base_weight(self) -> torch.Tensor:
+        return self.get_param()
+
+    def set_base_weight(self, weight: torch.Tensor) -> None:
+        self.get_param().data = weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None  # the module's biases are not this adapter's business (no lora_bias here)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.batch_adapter_names is not None:
+            raise ValueError(
+                f"Mixed-adapter batches (adapter_names=...) are not supported for adapters on parameters "
+                f"(target_parameters: {self.parameter_name}): the module mixes the rows of its input."
+            )
+        active = [n for n in self.active_adapters if n in self.lora_A]
+        if self.disable_adapters or self.merged or not active:
+            return super().forward(x, *args, **kwargs)  # the base module as it is
+        param = self.get_param()
+        delta = sum(self.delta_weight(n) for n in active)
+        with parameter_override(self.get_base_layer(), self.parameter_name, param + delta.to(param.dtype)):
+            return self.base_layer(x, *args, **kwargs)
+
+
 _CONV_BY_DIM: dict[int, type[nn.Module]] = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
 _LORA_CONV_BY_DIM: dict[int, type[_ConvNd]] = {3: Conv1d, 4: Conv2d, 5: Conv3d}
 
@@ -817,6 +908,102 @@ class LoraModel(BaseTuner):
             raise ValueError(
                 f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, set "
                 f"bias to 'none' for all adapters."
+            )
+        # adapters on parameters nest per parameter: all of them must target the same parameters (HF PEFT)
+        target_sets = {
+            name: sorted(set(c.target_parameters))
+            for name, c in self.peft_config.items()
+            if getattr(c, "target_parameters", None)
+        }
+        new = sorted(set(getattr(config, "target_parameters", None) or ()))
+        for name, targets in target_sets.items():
+            if new and targets != new:
+                raise ValueError(
+                    f"When using multiple adapters with `target_parameters`, all adapters must target the same "
+                    f"set of parameters, but got {new} for the new adapter and {targets} for adapter {name!r}."
+                )
+
+    def target_names(self, config: PeftConfig, modules_to_save: Sequence[str]) -> list[str]:
+        assert isinstance(config, LoraConfig)
+        if not config.target_parameters:
+            return super().target_names(config, modules_to_save)
+        if not config.target_modules:  # only parameters are targeted (HF PEFT: None means none here)
+            return []
+        try:
+            return super().target_names(config, modules_to_save)
+        except ValueError:  # as HF PEFT: the parameters may still match
+            warnings.warn(
+                f"target_modules={set(config.target_modules)} were set but no module was matched.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return []
+
+    def inject_parameters(self, adapter_name: str, config: PeftConfig) -> list[str]:
+        """``target_parameters``: wrap each matching parameter's module in a :class:`ParamWrapper` (nested
+        for several parameters of one module, in registration order, as HF PEFT). Also warns when the model
+        keeps weights as 3-D parameters that this adapter leaves out (MoE experts that ``target_modules``,
+        ``"all-linear"`` included, cannot reach)."""
+        assert isinstance(config, LoraConfig)
+        targets = sorted(set(config.target_parameters or ()))
+        matched: list[str] = []
+        if targets:
+            for option, value in (
+                ("lora_dropout", config.lora_dropout),
+                ("fan_in_fan_out", config.fan_in_fan_out),
+                ("lora_bias", config.lora_bias),
+                ("use_dora", config.use_dora),
+            ):
+                if value:
+                    raise ValueError(
+                        f"lora.ParamWrapper (target_parameters) does not work with {option}={value}."
+                    )
+            matched = self._wrap_parameters(adapter_name, config, targets)
+            if not matched:
+                raise ValueError(f"target_parameters={targets} were set but no parameter was matched.")
+        self._warn_unreached_expert_parameters(matched)
+        return matched
+
+    def _wrap_parameters(self, adapter_name: str, config: LoraConfig, targets: list[str]) -> list[str]:
+        matched = []
+        for module_name, module in list(self.model.named_modules()):
+            if isinstance(module, AdapterLayer) or ".modules_to_save." in f".{module_name}.":
+                continue
+            owner = ".".join(part for part in module_name.split(".") if part != "base_layer")
+            for param_name, _ in list(module.named_parameters(recurse=False)):
+                key = f"{owner}.{param_name}" if owner else param_name
+                if key not in targets and not any(key.endswith(f".{t}") for t in targets):
+                    continue
+                r = per_module_value(key, config.rank_pattern, config.r)
+                alpha = per_module_value(key, config.alpha_pattern, config.lora_alpha)
+                top = self.model.get_submodule(owner) if owner else self.model
+                wrapper = top
+                while isinstance(wrapper, ParamWrapper) and wrapper.parameter_name != param_name:
+                    wrapper = wrapper.base_layer
+                if isinstance(wrapper, ParamWrapper):  # a later adapter on the same parameter
+                    wrapper.update_layer(adapter_name, r, alpha, config, key)
+                else:
+                    new = ParamWrapper(top, param_name)
+                    new.update_layer(adapter_name, r, alpha, config, key)
+                    parent_name, _, child_name = owner.rpartition(".")
+                    setattr(self.model.get_submodule(parent_name), child_name, new)
+                matched.append(key)
+        return matched
+
+    def _warn_unreached_expert_parameters(self, matched: list[str]) -> None:
+        unreached = [
+            (f"{name}.{param_name}", tuple(param.shape))
+            for name, module in self.base_modules()
+            for param_name, param in module.named_parameters(recurse=False)
+            if param.dim() == 3 and param.is_floating_point() and f"{name}.{param_name}" not in matched
+        ]
+        if unreached:
+            suffixes = sorted({".".join(key.split(".")[-2:]) for key, _ in unreached})
+            warnings.warn(
+                f"{len(unreached)} weight(s) of this model are 3-D parameters (mixture-of-experts experts, e.g. "
+                f"{unreached[0][0]} {unreached[0][1]}), which target_modules cannot adapt: they get no adapter. "
+                f"To adapt them, add target_parameters={suffixes}.",
+                stacklevel=4,
             )
 
     def create_or_update_layer(
@@ -906,6 +1093,11 @@ class LoraModel(BaseTuner):
         for path, layer in self.adapter_layers():
             if not isinstance(layer, LoraLayer):
                 continue
+            if isinstance(layer, ParamWrapper):
+                raise ValueError(
+                    f"Hot-swap rank padding is not supported for adapters on parameters (target_parameters: "
+                    f"{path}.{layer.parameter_name}): their factors interleave the experts."
+                )
             for name in layer.r:
                 params = layer.adapter_parameters(name)
                 for local, dim in self._RANK_DIM.items():
@@ -932,8 +1124,12 @@ class LoraModel(BaseTuner):
         """Factors padded for hot-swapping are saved at the adapter's true rank."""
         tensors = super().adapter_state_dict(adapter_name)
         for path, layer in self.adapter_layers():
-            if not isinstance(layer, LoraLayer) or adapter_name not in layer.r:
-                continue
+            if (
+                not isinstance(layer, LoraLayer)
+                or adapter_name not in layer.r
+                or isinstance(layer, ParamWrapper)
+            ):
+                continue  # (a ParamWrapper's factors are r · experts wide, never padded)
             r = layer.r[adapter_name]
             for local, tensor in layer.adapter_parameters(adapter_name).items():
                 dim = self._RANK_DIM.get(local)
@@ -1024,6 +1220,11 @@ def _combine_into(
     svd_clamp: float | None,
 ) -> None:
     """Write the combination of ``adapters`` into the factors of ``new_name`` on one layer."""
+    if isinstance(layer, ParamWrapper):
+        raise ValueError(
+            "add_weighted_adapter does not support adapters on parameters (target_parameters): their factors "
+            "interleave the experts."
+        )
     if isinstance(layer, _ConvNd) and layer.get_base_layer().groups > 1:
         raise ValueError(
             "add_weighted_adapter does not support LoRA on grouped convolutions (groups > 1): their update "
