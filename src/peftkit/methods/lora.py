@@ -891,6 +891,105 @@ class ParamWrapper(LoraLayer):
             return self.base_layer(x, *args, **kwargs)
 
 
+class MultiheadAttention(LoraLayer):
+    """LoRA on ``nn.MultiheadAttention`` (query, key and value of one width): one adapter on the packed input
+    projection ``in_proj_weight`` (``3E × E``) and, nested as a :class:`Linear` at ``base_layer.out_proj``
+    (HF PEFT's tensor names), one on the output projection. PyTorch's attention reads both weights directly
+    (``out_proj``'s forward is never called), so during the forward the module sees ``W + ΔW`` in place of
+    each (:func:`~peftkit.core.layer.parameter_override`)::
+
+        x ──► multi_head_attention(x; W_in + s·B_in A_in, W_out + s·B_out A_out)
+
+    No dropout on the adapter's input (there is no separate adapter path to drop it on), no DoRA, no
+    ``lora_bias``, no mixed-adapter batches.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        base = self.get_base_layer()
+        if not base._qkv_same_embed_dim:
+            raise ValueError(
+                "Only same embed for query/key/value is supported as of now for MultiheadAttention (LoRA on "
+                "separate q/k/v projection weights is not implemented)."
+            )
+        self.in_features, self.out_features = base.embed_dim, 3 * base.embed_dim
+        # nn.TransformerEncoderLayer's fused inference path reads the attention's weights itself and never
+        # calls its forward (so it would miss the adapter); it steps aside for modules with hooks
+        self.register_forward_pre_hook(_keeps_fused_paths_off)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # embed_dim, batch_first, ...: what code around an attention block reads
+            if name.startswith("__") or name in ("base_layer", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self.get_base_layer(), name)
+
+    def update_layer(
+        self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig, target_name: str
+    ) -> None:
+        if config.use_dora or config.lora_bias:
+            raise ValueError(
+                f"MultiheadAttention does not support {'DoRA' if config.use_dora else 'lora_bias'} (yet); "
+                f"{target_name}: set {'use_dora' if config.use_dora else 'lora_bias'}=False."
+            )
+        if config.lora_dropout:
+            warnings.warn(
+                f"lora_dropout is not applied on MultiheadAttention ({target_name}): the adapter acts through "
+                f"the attention's weights, with no separate path to drop its input on.",
+                stacklevel=2,
+            )
+        super().update_layer(adapter_name, r, lora_alpha, config, target_name)
+        base = self.get_base_layer()
+        if not isinstance(base.out_proj, Linear):
+            base.out_proj = Linear(base.out_proj)
+        base.out_proj.update_layer(adapter_name, r, lora_alpha, config, f"{target_name}.out_proj")
+
+    def create_factors(self, adapter_name: str, r: int) -> None:
+        weight = self.get_base_layer().in_proj_weight
+        kwargs = {"device": weight.device, "dtype": adapter_dtype(weight.dtype)}
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kwargs)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, **kwargs)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        return (B @ A) * self.scaling[adapter_name]
+
+    def base_weight(self) -> torch.Tensor:
+        return self.get_base_layer().in_proj_weight
+
+    def set_base_weight(self, weight: torch.Tensor) -> None:
+        self.get_base_layer().in_proj_weight.data = weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None  # in_proj_bias is the attention's own (no lora_bias here)
+
+    def forward(self, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.batch_adapter_names is not None:
+            raise ValueError(
+                "LoRA on MultiheadAttention does not support mixed adapter batches (adapter_names)."
+            )
+        active = [n for n in self.active_adapters if n in self.lora_A]
+        base = self.get_base_layer()
+        out_proj = base.out_proj
+        if self.disable_adapters or self.merged or not active:  # the weights as they are
+            return base(query, *args, **kwargs)
+        w_in = base.in_proj_weight
+        delta_in = sum(self.delta_weight(n) for n in active)
+        out_linear = out_proj.get_base_layer()
+        delta_out = sum(out_proj.delta_weight(n) for n in active if n in out_proj.lora_A)
+        with (
+            parameter_override(base, "in_proj_weight", w_in + delta_in.to(w_in.dtype)),
+            parameter_override(out_linear, "weight", out_linear.weight + delta_out.to(w_in.dtype)),
+        ):
+            return base(query, *args, **kwargs)
+
+
+def _keeps_fused_paths_off(module: nn.Module, args: Any) -> None:
+    """A forward pre-hook that does nothing (see :class:`MultiheadAttention`)."""
+
+
 _CONV_BY_DIM: dict[int, type[nn.Module]] = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
 _LORA_CONV_BY_DIM: dict[int, type[_ConvNd]] = {3: Conv1d, 4: Conv2d, 5: Conv3d}
 
@@ -1270,9 +1369,12 @@ def _new_lora_layer(base: nn.Module, target: nn.Module, target_name: str, config
         return Embedding(target)
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return _LORA_CONV_BY_DIM[base.weight.dim()](target)
+    if isinstance(base, nn.MultiheadAttention):
+        return MultiheadAttention(target)
     raise ValueError(
         f"LoRA cannot wrap {target_name} ({type(base).__name__}); supported layers are torch.nn.Linear, "
-        f"transformers Conv1D, torch.nn.Embedding and torch.nn.Conv1d/Conv2d/Conv3d. Narrow target_modules."
+        f"transformers Conv1D, torch.nn.Embedding, torch.nn.Conv1d/Conv2d/Conv3d and torch.nn.MultiheadAttention. "
+        f"Narrow target_modules."
     )
 
 
