@@ -32,6 +32,9 @@ def _ids(batch: int = 3, length: int = 7) -> torch.Tensor:
     return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(7))
 
 
+QV = ["q_proj", "v_proj"]
+
+
 def _randomize(model: nn.Module, seed: int = 1, scale: float = 0.1) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -237,6 +240,75 @@ def test_add_weighted_adapter_matches_hf_peft(tmp_path, combination: str, svd_ra
         torch.testing.assert_close(
             ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5
         )
+
+
+SPARSIFYING = ["ties", "dare_linear", "dare_ties", "magnitude_prune"]
+
+
+@pytest.mark.parametrize("combination", SPARSIFYING + [f"{c}_svd" for c in SPARSIFYING])
+@pytest.mark.parametrize("sign_method", ["total", "frequency"])
+def test_sparsifying_combinations_match_hf_peft_for_the_same_seed(
+    tmp_path, combination: str, sign_method: str
+) -> None:
+    """TIES / DARE / magnitude pruning: the same logits as HF PEFT, DARE's random masks included."""
+    ours, theirs = _two_adapter_models(tmp_path)
+    logits = {}
+    for name, model in (("peftkit", ours), ("peft", theirs)):
+        torch.manual_seed(7)
+        model.add_weighted_adapter(
+            ["default", "b"], [0.7, -0.4], "mix", combination_type=combination, density=0.4,
+            majority_sign_method=sign_method,
+        )  # fmt: skip
+        model.set_adapter("mix")
+        with torch.no_grad():
+            logits[name] = model(input_ids=_ids()).logits
+    torch.testing.assert_close(logits["peftkit"], logits["peft"], atol=1e-5, rtol=1e-5)
+
+
+def test_ties_follows_the_paper_on_a_small_example() -> None:
+    """Trim to the largest entries, elect the sign of the summed mass, average the agreeing entries."""
+    from peftkit.core.merge import combine_tensors
+
+    t1 = torch.tensor([[3.0, -1.0], [0.5, 2.0]])
+    t2 = torch.tensor([[-1.0, -4.0], [2.0, 0.1]])
+    # density 0.5 keeps 2 of 4 entries: t1 -> [[3, 0], [0, 2]], t2 -> [[0, -4], [2, 0]]
+    # elected signs (sum of kept): [[+, -], [+, +]]; agreeing weighted entries averaged over their count
+    got = combine_tensors("ties", [t1, t2], [1.0, 0.5], density=0.5)
+    expected = torch.tensor([[3.0, -2.0], [1.0, 2.0]])
+    torch.testing.assert_close(got, expected)
+    torch.manual_seed(0)
+    dare = combine_tensors("dare_linear", [t1], [1.0], density=0.5)
+    kept = dare != 0
+    torch.testing.assert_close(dare[kept], 2 * t1[kept])  # kept entries rescaled by 1 / density
+
+
+def test_combinations_of_rslora_and_rank_pattern_adapters_are_exact(tmp_path) -> None:
+    """The combined adapter has scaling 1 whatever the inputs' use_rslora (HF PEFT scales an rsLoRA
+    combination by √r), and "cat" keeps every rank of rank_pattern layers (HF PEFT sums the default ranks)."""
+    ours = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=QV))
+    ours.add_adapter("b", LoraConfig(r=2, rank_pattern={"q_proj": 6}, target_modules=QV))
+    _randomize(ours)
+    ours.add_weighted_adapter(["default", "b"], [0.7, -0.4], "cat", combination_type="cat")
+    ours.add_weighted_adapter(["default", "b"], [0.7, -0.4], "svd", combination_type="svd", svd_rank=10)
+    assert ours.peft_config["cat"].r == 10 and not ours.peft_config["cat"].use_rslora
+    for name in ("q_proj", "v_proj"):
+        layer = getattr(ours.base_model.model.model.layers[0].self_attn, name)
+        expected = 0.7 * layer.delta_weight("default") - 0.4 * layer.delta_weight("b")
+        assert layer.scaling["cat"] == 1.0
+        torch.testing.assert_close(layer.delta_weight("cat"), expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(layer.delta_weight("svd"), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_sparsifying_combination_needs_density_and_equal_ranks(tmp_path) -> None:
+    ours, _ = _two_adapter_models(tmp_path)
+    with pytest.raises(ValueError, match="needs density"):
+        ours.add_weighted_adapter(["default", "b"], [1.0, 1.0], "mix", combination_type="ties")
+    ours.add_adapter("r2", LoraConfig(r=2, target_modules=QV))
+    with pytest.raises(ValueError, match="needs equal ranks"):
+        ours.add_weighted_adapter(
+            ["default", "r2"], [1.0, 1.0], "mix", combination_type="dare_ties", density=0.5
+        )
+    assert "mix" not in ours.peft_config
 
 
 def test_cat_combination_is_the_exact_weighted_sum(tmp_path) -> None:

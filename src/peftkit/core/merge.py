@@ -48,3 +48,63 @@ def combine_svd(
         high = torch.quantile(torch.cat([B.flatten(), A.flatten()]), clamp)
         B, A = B.clamp(-high, high), A.clamp(-high, high)
     return A, B
+
+
+# ---------------------------------------------------------------------------- sparsifying merges
+# TIES (Yadav et al. 2023, arXiv:2306.01708): keep each task tensor's largest entries, elect one sign per
+# entry across tasks, and average only the entries that agree with it. DARE (Yu et al. 2023,
+# arXiv:2311.03099): keep a random fraction ``density`` of each task tensor's entries, scaled by
+# ``1 / density``. The functions below apply to any stack of same-shaped tensors (factors or ΔW).
+SPARSIFYING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+def prune_by_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the ``int(density · numel)`` entries of largest magnitude (``density >= 1``: all kept)."""
+    if density >= 1:
+        return tensor
+    keep = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    keep[torch.topk(tensor.abs().reshape(-1), k=int(density * tensor.numel()), largest=True).indices] = 1
+    return tensor * keep.reshape(tensor.shape)
+
+
+def prune_at_random(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep each entry with probability ``density`` (torch's global generator) and divide by ``density``,
+    so the expectation is unchanged (``density >= 1``: all kept, no random numbers drawn)."""
+    if density >= 1:
+        return tensor
+    return tensor * torch.bernoulli(torch.full_like(tensor, density)) / density
+
+
+def elected_sign_mask(stacked: torch.Tensor, method: str = "total") -> torch.Tensor:
+    """Per entry, whether each task agrees with the elected sign: the sign of the entries' sum
+    (``"total"``) or of the count of positive minus negative entries (``"frequency"``); ties elect +."""
+    if method not in ("total", "frequency"):
+        raise ValueError(f"majority_sign_method={method!r}; use 'total' or 'frequency'.")
+    sign = stacked.sign()
+    votes = stacked.sum(dim=0) if method == "total" else sign.sum(dim=0)
+    return sign == torch.where(votes >= 0, 1, -1)
+
+
+def combine_tensors(
+    kind: str,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    density: float = 1.0,
+    majority_sign_method: str = "total",
+) -> torch.Tensor:
+    """One tensor from same-shaped task tensors: ``"linear"`` (``Σ wᵢ tᵢ``), ``"magnitude_prune"`` and
+    ``"dare_linear"`` (the same after pruning each ``tᵢ``), ``"ties"`` and ``"dare_ties"`` (after pruning,
+    ``Σ wᵢ tᵢ`` over the tasks that agree with the elected sign, divided by their number)."""
+    if kind in ("ties", "magnitude_prune"):
+        tensors = [prune_by_magnitude(t, density) for t in tensors]
+    elif kind in ("dare_linear", "dare_ties"):
+        tensors = [prune_at_random(t, density) for t in tensors]
+    elif kind != "linear":
+        raise ValueError(f"Unknown combination {kind!r}.")
+    stacked = torch.stack(list(tensors), dim=0)
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    weighted = stacked * w.view(-1, *(1,) * (stacked.dim() - 1))
+    if kind not in ("ties", "dare_ties"):
+        return weighted.sum(dim=0)
+    agree = elected_sign_mask(stacked, majority_sign_method)
+    return (weighted * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)

@@ -40,7 +40,7 @@ from torch import nn
 from peftkit.core.checkpoint import validate_adapter_name
 from peftkit.core.config import PeftConfig, PeftType
 from peftkit.core.layer import AdapterLayer, adapter_dtype, linear_fan_in_fan_out, parameter_override
-from peftkit.core.merge import combine_cat, combine_linear, combine_svd
+from peftkit.core.merge import SPARSIFYING, combine_cat, combine_linear, combine_svd, combine_tensors
 from peftkit.core.registry import register_method
 from peftkit.core.targeting import check_module_names, per_module_value
 from peftkit.core.tuner import SAVED_PREFIX, BaseTuner
@@ -1245,14 +1245,26 @@ class LoraModel(BaseTuner):
         svd_rank: int | None = None,
         svd_clamp: float | None = None,
         svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
     ) -> None:
-        """A new adapter from a weighted combination of existing ones (HF PEFT's semantics).
+        """A new adapter from a weighted combination of existing ones (HF PEFT's semantics and random draws).
 
         * ``"cat"``: ``ΔW = Σ wᵢ ΔWᵢ`` exactly, with rank ``Σ rᵢ`` (factors stacked).
         * ``"linear"``: ``A = Σ √wᵢ sᵢ Aᵢ``, ``B = Σ √wᵢ Bᵢ``; all ranks must be equal.
         * ``"svd"``: the best rank-``svd_rank`` (default ``max rᵢ``) approximation of ``Σ wᵢ ΔWᵢ``.
-        The new adapter has ``lora_alpha = r`` (scaling 1). DoRA adapters cannot be combined.
+        * ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"``: as ``"linear"``, each factor
+          combined by :func:`~peftkit.core.merge.combine_tensors` (pruned to ``density``, DARE's draws from
+          torch's global generator; TIES elects signs by ``majority_sign_method``); equal ranks.
+        * ``"<that>_svd"``: the same combination of the ``ΔWᵢ``, then the rank-``svd_rank`` SVD.
+
+        The new adapter has scaling exactly 1 (``lora_alpha = r``, and ``use_rslora=False``: HF PEFT keeps the
+        first adapter's ``use_rslora`` and so scales an rsLoRA combination by ``√r``). With ``rank_pattern``
+        adapters, ``"cat"`` takes the largest per-layer sum of ranks and zero-pads the other layers (HF PEFT
+        sums the default ranks only and fails on such layers). DoRA adapters cannot be combined.
         """
+        del svd_full_matrices, svd_driver  # the leading singular vectors do not depend on them
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} already exists; pick a new name.")
         validate_adapter_name(adapter_name, self.model, existing=self.peft_config)
@@ -1275,16 +1287,29 @@ class LoraModel(BaseTuner):
         if any(c.use_dora for c in configs):
             raise ValueError("DoRA adapters cannot be combined with add_weighted_adapter.")
         ranks = [c.r for c in configs] + [v for c in configs for v in c.rank_pattern.values()]
-        if combination_type == "linear":
-            if len(set(ranks)) != 1:
-                raise ValueError(f"combination_type='linear' needs equal ranks, got {sorted(set(ranks))}.")
-            new_rank = ranks[0]
-        elif combination_type == "cat":
-            new_rank = sum(c.r for c in configs)
-        elif combination_type == "svd":
+        kind = combination_type.removesuffix("_svd") if combination_type != "svd" else "linear"
+        if combination_type not in _COMBINATIONS:
+            raise ValueError(f"combination_type={combination_type!r}; use one of {', '.join(_COMBINATIONS)}.")
+        if kind in SPARSIFYING and (
+            isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1
+        ):
+            raise ValueError(
+                f"combination_type={combination_type!r} needs density in [0, 1], got {density!r}."
+            )
+        if combination_type == "cat":
+            new_rank = max(
+                sum(layer.r[a] for a in adapters if a in layer.r)
+                for _, layer in self.adapter_layers()
+                if isinstance(layer, LoraLayer)
+            )
+        elif combination_type.endswith("svd"):
             new_rank = svd_rank or max(ranks)
-        else:
-            raise ValueError(f"combination_type={combination_type!r}; use 'linear', 'cat' or 'svd'.")
+        else:  # the factors themselves are combined
+            if len(set(ranks)) != 1:
+                raise ValueError(
+                    f"combination_type={combination_type!r} needs equal ranks, got {sorted(set(ranks))}."
+                )
+            new_rank = ranks[0]
         targets = [c.target_modules for c in configs]
         if all(isinstance(t, list) for t in targets):
             new_targets: Any = sorted({m for t in targets for m in t})
@@ -1295,13 +1320,27 @@ class LoraModel(BaseTuner):
             if any(isinstance(t, list) for t in targets):
                 raise ValueError("Cannot combine adapters whose target_modules mix lists and regex strings.")
         self.peft_config[adapter_name] = configs[0].replace(
-            r=new_rank, lora_alpha=new_rank, target_modules=new_targets, rank_pattern={}, alpha_pattern={}
+            r=new_rank,
+            lora_alpha=new_rank,
+            use_rslora=False,
+            target_modules=new_targets,
+            rank_pattern={},
+            alpha_pattern={},
         )
         try:
             self.inject_adapter(adapter_name)
             for _, layer in self.adapter_layers():
                 if isinstance(layer, LoraLayer) and adapter_name in layer.adapter_names:
-                    _combine_into(layer, adapters, weights, adapter_name, combination_type, svd_clamp)
+                    _combine_into(
+                        layer,
+                        adapters,
+                        weights,
+                        adapter_name,
+                        combination_type,
+                        svd_clamp,
+                        density if density is not None else 1.0,
+                        majority_sign_method,
+                    )
         except BaseException:
             self._remove_adapter_modules(adapter_name)
             del self.peft_config[adapter_name]
@@ -1317,6 +1356,8 @@ def _combine_into(
     new_name: str,
     combination_type: str,
     svd_clamp: float | None,
+    density: float = 1.0,
+    majority_sign_method: str = "total",
 ) -> None:
     """Write the combination of ``adapters`` into the factors of ``new_name`` on one layer."""
     if isinstance(layer, ParamWrapper):
@@ -1352,13 +1393,34 @@ def _combine_into(
         A, B = combine_cat([(A, B) for (A, B), _, _ in scaled], [w * s for _, w, s in scaled])
     elif combination_type == "linear":
         A, B = combine_linear([(A, B) for (A, B), _, _ in scaled], [w * s for _, w, s in scaled])
-    else:
+    elif combination_type == "svd":
         deltas = [B @ A for (A, B), _, _ in scaled]
         A, B = combine_svd(deltas, [w * s for _, w, s in scaled], rank=new_A.shape[0], clamp=svd_clamp)
+    elif combination_type.endswith("_svd"):  # the sparsifying combination of the scaled ΔWᵢ, then SVD
+        kind = combination_type.removesuffix("_svd")
+        deltas = [s * (B @ A) for (A, B), _, s in scaled]
+        delta = combine_tensors(kind, deltas, [w for _, w, _ in scaled], density, majority_sign_method)
+        A, B = combine_svd([delta], [1.0], rank=new_A.shape[0], clamp=svd_clamp)
+    else:  # the sparsifying combination of each factor, with HF PEFT's split of wᵢ·sᵢ into √ parts
+        coefficients = [w * s for _, w, s in scaled]
+        weights_A = [math.copysign(math.sqrt(abs(c)), c) for c in coefficients]
+        weights_B = [math.sqrt(abs(c)) for c in coefficients]
+        args = (combination_type, density, majority_sign_method)
+        A = combine_tensors(args[0], [A for (A, _), _, _ in scaled], weights_A, *args[1:])
+        B = combine_tensors(args[0], [B for (_, B), _, _ in scaled], weights_B, *args[1:])
     new_A.zero_()
     new_B.zero_()
     new_A.view(new_A.shape[0], -1)[: A.shape[0]] = A.to(new_A.dtype)
     new_B.view(new_B.shape[0], -1)[:, : B.shape[1]] = B.to(new_B.dtype)
+
+
+_COMBINATIONS = (
+    "svd",
+    "linear",
+    "cat",
+    *SPARSIFYING,
+    *(f"{kind}_svd" for kind in SPARSIFYING),
+)
 
 
 def _new_lora_layer(base: nn.Module, target: nn.Module, target_name: str, config: LoraConfig) -> LoraLayer:
