@@ -2,7 +2,7 @@
 
 Every test builds the same tiny, offline transformers model twice (once per library), wraps it with a
 ``LoraConfig`` made from the same keyword arguments, and compares the sorted targeted module names:
-peftkit's ``pm.base_model.targeted_module_names["default"]`` against HF's
+peftkit's ``pm.base_model.module_targets_by_adapter["default"]`` against HF's
 ``pm.base_model.targeted_module_names``.
 
 Covered, on llama, mistral, qwen2, gemma, gpt2, opt, bloom, falcon, bert, roberta, t5 and bart:
@@ -224,7 +224,7 @@ def kit_wrap(model: nn.Module, task: str | None = None, **lora: Any) -> tuple[An
     if task is not None:
         lora["task_type"] = peftkit.TaskType[task]
     pm = peftkit.get_peft_model(model, peftkit.LoraConfig(**lora))
-    return pm, sorted(pm.base_model.targeted_module_names["default"])
+    return pm, sorted(pm.base_model.module_targets_by_adapter["default"])
 
 
 def targets_of_both(build_fn: Callable[[], nn.Module], task: str | None = None, **lora: Any):
@@ -630,9 +630,21 @@ def test_failed_add_adapter_leaves_model_unchanged() -> None:
         )
     assert snapshot(pm) == before
     assert list(pm.peft_config) == ["default"]
-    assert pm.base_model.targeted_module_names["default"] == [
+    assert pm.base_model.module_targets_by_adapter["default"] == [
         "model.layers.0.self_attn.q_proj",
         "model.layers.0.self_attn.v_proj",
         "model.layers.1.self_attn.q_proj",
         "model.layers.1.self_attn.v_proj",
     ]
+
+
+def test_targeted_module_names_is_hf_peft_list_over_all_adapters() -> None:
+    """``base_model.targeted_module_names`` is HF PEFT's flat list (each name once, every adapter's)."""
+    models = {}
+    for name, lib in (("peft", peft), ("peftkit", peftkit)):
+        pm = lib.get_peft_model(build("llama"), lib.LoraConfig(target_modules=["q_proj", "v_proj"]))
+        pm.add_adapter("other", lib.LoraConfig(target_modules=["v_proj", "o_proj"]))
+        models[name] = pm.base_model.targeted_module_names
+    assert isinstance(models["peftkit"], list)
+    assert sorted(models["peftkit"]) == sorted(models["peft"])
+    assert len(models["peftkit"]) == len(set(models["peftkit"])) == 6

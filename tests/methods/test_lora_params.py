@@ -235,8 +235,8 @@ def test_experts_left_out_by_target_modules_are_reported() -> None:
 
 def test_only_parameters_when_target_modules_is_none_and_config_round_trips(tmp_path: Path) -> None:
     adapted = _make(peftkit, "mixtral", target_modules=None)
-    assert not adapted.base_model.targeted_module_names["default"]
-    assert len(adapted.base_model.targeted_parameter_names["default"]) == 4  # 2 layers x 2 parameters
+    assert not adapted.base_model.module_targets_by_adapter["default"]
+    assert len(adapted.base_model.parameter_targets_by_adapter["default"]) == 4  # 2 layers x 2 parameters
     assert not any(
         isinstance(m, nn.Linear) and "lora" in n for n, m in adapted.named_modules() if "q_proj" in n
     )

@@ -466,6 +466,11 @@ class ModulesToSaveWrapper(nn.Module):
             return getattr(modules["original_module"], name)
 
 
+#: HF PEFT's base class of the wrappers that train a copy of a module (``peft.utils.AuxiliaryTrainingWrapper``);
+#: peftkit has one such wrapper.
+AuxiliaryTrainingWrapper = ModulesToSaveWrapper
+
+
 def linear_fan_in_fan_out(base: nn.Module, target_name: str, requested: bool) -> bool | None:
     """The weight layout of a linear-like layer: ``False`` for ``nn.Linear`` (out × in; a requested
     ``fan_in_fan_out=True`` is corrected with a warning), ``True`` for GPT-2's ``Conv1D`` (in × out), and

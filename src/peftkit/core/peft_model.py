@@ -699,6 +699,11 @@ def inject_adapter_in_model(
             "inject_adapter_in_model(state_dict=...) is not supported by peftkit; set target_modules instead."
         )
     tuner_cls = _tuner_class_for(model, peft_config, adapter_name)
+    if tuner_cls.uses_shared_state:
+        raise ValueError(
+            f"{tuner_cls.__name__} keeps shared state across layers, which a model without the PeftModel "
+            f"around it cannot hold; use get_peft_model instead."
+        )
     tuner = tuner_cls(model, {adapter_name: peft_config}, adapter_name)
     record_injected_tuner(model, tuner)  # for get_/set_peft_model_state_dict(model)
     return model

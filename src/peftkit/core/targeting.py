@@ -162,7 +162,6 @@ def find_target_names(model: nn.Module, config: Any, modules_to_save: Sequence[s
     targets = resolve_target_modules(model, config)
     exclude = getattr(config, "exclude_modules", None)
     layers_to_transform = getattr(config, "layers_to_transform", None)
-    layers_pattern = getattr(config, "layers_pattern", None)
     from peftkit.core.layer import AdapterLayer
 
     adapter_internal: set[str] = set()
@@ -172,19 +171,37 @@ def find_target_names(model: nn.Module, config: Any, modules_to_save: Sequence[s
             continue
         if isinstance(module, AdapterLayer):
             adapter_internal |= {f"{name}.{sub}" for sub, _ in module.named_modules() if sub}
-        if not name_matches(name, targets):
-            continue
-        if exclude and name_matches(name, exclude):
-            continue
-        if any(pattern_match(rf"(^|.*\.){m}($|\..*)", name, "match") for m in modules_to_save):
-            continue
-        uses_layer_filter = not isinstance(targets, str) and name not in targets
-        if uses_layer_filter and not _layer_index_ok(name, layers_to_transform, layers_pattern):
-            continue
-        matched.append(name)
+        if check_target_module_exists(config, name, targets=targets, modules_to_save=modules_to_save):
+            matched.append(name)
     if not matched:
         raise ValueError(_no_match_message(model, targets, exclude, layers_to_transform))
     return matched
+
+
+def check_target_module_exists(
+    config: Any, key: str, *, targets: Any = None, modules_to_save: Sequence[str] | None = None
+) -> bool:
+    """Whether module ``key`` is one ``config`` adapts (HF PEFT's function of this name): it matches
+    ``targets`` (default: the config's ``target_modules``; a string is a full-match regex, a list matches
+    exactly or as a dotted suffix), is not excluded by ``exclude_modules``, is not at or under a
+    ``modules_to_save`` entry (default: the config's), and, for a suffix match, its layer index passes
+    ``layers_to_transform`` / ``layers_pattern``."""
+    targets = getattr(config, "target_modules", None) if targets is None else targets
+    if targets is None:
+        return False
+    exclude = getattr(config, "exclude_modules", None)
+    if exclude and name_matches(key, exclude):
+        return False
+    if modules_to_save is None:
+        modules_to_save = getattr(config, "modules_to_save", None) or ()
+    if any(pattern_match(rf"(^|.*\.){m}($|\..*)", key, "match") for m in modules_to_save):
+        return False
+    if not name_matches(key, targets):
+        return False
+    if isinstance(targets, str) or key in targets:
+        return True
+    layers_to_transform = getattr(config, "layers_to_transform", None)
+    return _layer_index_ok(key, layers_to_transform, getattr(config, "layers_pattern", None))
 
 
 def _no_match_message(model: nn.Module, targets: Any, exclude: Any, layers_to_transform: Any) -> str:

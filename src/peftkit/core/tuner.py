@@ -44,6 +44,13 @@ def split_module_name(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.M
     return parent, child_name, getattr(parent, child_name)
 
 
+def _get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
+    """HF PEFT's helper (``peft.utils._get_submodules``): ``(parent, module, child name)`` of ``key``; the
+    order differs from :func:`split_module_name`'s."""
+    parent, child_name, module = split_module_name(model, key)
+    return parent, module, child_name
+
+
 def is_quantized_layer(module: nn.Module) -> bool:
     """A bitsandbytes 4-bit or 8-bit linear (its weight holds packed integers, not the float matrix)."""
     if isinstance(module, AdapterLayer):
@@ -92,6 +99,9 @@ class BaseTuner(nn.Module):
     #: when not, the core refuses it with the message ``no_mixed_batches_reason``
     supports_mixed_batches: bool = True
     no_mixed_batches_reason: str = ""
+    #: HF PEFT's flag for methods whose adapters share state across layers (a shared random projection):
+    #: they need the PeftModel around them, so inject_adapter_in_model refuses them
+    uses_shared_state: bool = False
 
     def __init__(
         self,
@@ -105,8 +115,9 @@ class BaseTuner(nn.Module):
         self.peft_config = peft_config
         self.active_adapters: list[str] = [adapter_name]
         self.default_modules_to_save = list(default_modules_to_save)
-        self.targeted_module_names: dict[str, list[str]] = {}
-        self.targeted_parameter_names: dict[str, list[str]] = {}  # see inject_parameters
+        # what each adapter wraps: module names, and parameter names (see inject_parameters)
+        self.module_targets_by_adapter: dict[str, list[str]] = {}
+        self.parameter_targets_by_adapter: dict[str, list[str]] = {}
         self.base_selections: dict[str, BaseParameterSelection] = {}  # in-place adapters only
         # restored if the first injection fails or the adapters are removed again
         self._requires_grad_before = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -298,6 +309,16 @@ class BaseTuner(nn.Module):
         )
 
     @property
+    def targeted_module_names(self) -> list[str]:
+        """HF PEFT's list of the modules the adapters wrap (every adapter's, each name once)."""
+        return list(dict.fromkeys(n for names in self.module_targets_by_adapter.values() for n in names))
+
+    @property
+    def targeted_parameter_names(self) -> list[str]:
+        """HF PEFT's list of the parameters adapted directly (``target_parameters``), each name once."""
+        return list(dict.fromkeys(n for names in self.parameter_targets_by_adapter.values() for n in names))
+
+    @property
     def active_adapter(self) -> str | list[str]:
         return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
 
@@ -343,12 +364,12 @@ class BaseTuner(nn.Module):
                 new_module = self.create_or_update_layer(target, name, config, adapter_name)
                 if new_module is not None:
                     setattr(parent, child_name, new_module)
-            self.targeted_parameter_names[adapter_name] = self.inject_parameters(adapter_name, config)
+            self.parameter_targets_by_adapter[adapter_name] = self.inject_parameters(adapter_name, config)
             self._wrap_modules_to_save(adapter_name, config)
             selection = self.select_base_parameters(adapter_name, config)
             if selection is not None:
                 self._add_selection(adapter_name, selection)
-            self.targeted_module_names[adapter_name] = names
+            self.module_targets_by_adapter[adapter_name] = names
         except BaseException:
             self._remove_adapter_modules(adapter_name)
             raise
@@ -494,8 +515,8 @@ class BaseTuner(nn.Module):
             )
         self._remove_adapter_modules(adapter_name)
         del self.peft_config[adapter_name]
-        self.targeted_module_names.pop(adapter_name, None)
-        self.targeted_parameter_names.pop(adapter_name, None)
+        self.module_targets_by_adapter.pop(adapter_name, None)
+        self.parameter_targets_by_adapter.pop(adapter_name, None)
         remaining = [n for n in self.active_adapters if n != adapter_name]
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]

@@ -290,10 +290,10 @@ class CombinedModel(BaseTuner):
             for component, component_config in config.components.items():  # type: ignore[union-attr]
                 self._add_component(adapter_name, component, component_config, config.inference_mode)
             self._wrap_modules_to_save(adapter_name, config)
-            self.targeted_module_names[adapter_name] = [
+            self.module_targets_by_adapter[adapter_name] = [
                 name
                 for _, internal, tuner in self.components_of(adapter_name)
-                for name in tuner.targeted_module_names.get(internal, [])
+                for name in tuner.module_targets_by_adapter.get(internal, [])
             ]
         except BaseException:
             self._remove_adapter_modules(adapter_name)
