@@ -11,6 +11,7 @@ import torch
 from tiny_models import tiny_llama
 from torch import nn
 
+import peftkit
 from peftkit import LoraConfig, PeftModel, get_peft_model
 
 
@@ -107,6 +108,27 @@ def test_pissa_takes_the_top_singular_directions_and_keeps_w() -> None:
     U, S, Vh = torch.linalg.svd(W)
     torch.testing.assert_close(principal, U[:, :2] @ torch.diag(S[:2]) @ Vh[:2], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.base_layer.weight + principal, W, atol=1e-5, rtol=1e-5)
+
+
+def test_orthogonal_init_matches_hf_peft_and_leaves_w() -> None:
+    """HF PEFT's orthogonal init: the same factors for the same seed, the base weight untouched."""
+    factors = {}
+    for name, lib in (("peftkit", peftkit), ("peft", peft)):
+        base = TwoLayer()
+        W = base.lin.weight.detach().clone()
+        torch.manual_seed(3)
+        model = lib.get_peft_model(
+            base, lib.LoraConfig(r=4, target_modules=["lin"], init_lora_weights="orthogonal")
+        )
+        layer = model.base_model.model.lin
+        assert torch.equal(layer.base_layer.weight, W)
+        factors[name] = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    (A, B), (hf_A, hf_B) = factors["peftkit"], factors["peft"]
+    torch.testing.assert_close(A, hf_A)
+    torch.testing.assert_close(B, hf_B)
+    assert B.abs().max() > 0  # not a no-op at the start (as HF PEFT)
+    with pytest.raises(ValueError, match="rank to be even"):
+        get_peft_model(TwoLayer(), LoraConfig(r=3, target_modules=["lin"], init_lora_weights="orthogonal"))
 
 
 def test_olora_uses_qr_and_keeps_w() -> None:

@@ -141,11 +141,13 @@ class LoraConfig(PeftConfig):
             raise TypeError("`target_parameters` must be a list of strings or None.")
         init = _init_kind(self.init_lora_weights)
         if not (
-            isinstance(init, bool) or init in ("gaussian", "pissa", "olora") or _pissa_niter(init) is not None
+            isinstance(init, bool)
+            or init in ("gaussian", "pissa", "olora", "orthogonal")
+            or _pissa_niter(init) is not None
         ):
             raise ValueError(
                 f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
-                f"'pissa_niter_K' or 'olora'."
+                f"'pissa_niter_K', 'olora' or 'orthogonal'."
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only applies together with layers_to_transform; set both.")
@@ -253,7 +255,7 @@ class LoraLayer(AdapterLayer):
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         if init is False:
             return  # keep the layers' default random init: B ≠ 0, so the adapter is not a no-op
-        if init in ("pissa", "olora") or _pissa_niter(init) is not None:
+        if init in ("pissa", "olora", "orthogonal") or _pissa_niter(init) is not None:
             raise ValueError(
                 f"init_lora_weights={init!r} needs a Linear or Conv1D layer; {target_name} is "
                 f"{type(self.get_base_layer()).__name__}."
@@ -401,8 +403,25 @@ class Linear(LoraLayer):
     def init_factors(self, adapter_name: str, init: InitKind, target_name: str) -> None:
         if init == "olora" or init == "pissa" or _pissa_niter(init) is not None:
             self._decomposition_init(adapter_name, init)
+        elif init == "orthogonal":
+            self._orthogonal_init(adapter_name)
         else:
             super().init_factors(adapter_name, init, target_name)
+
+    @torch.no_grad()
+    def _orthogonal_init(self, adapter_name: str) -> None:
+        """HF PEFT's ``"orthogonal"``: the rows of a random r × r orthogonal ``Q`` split in two, A from the odd
+        rows and B from the even ones (each times a random projection / 10), so that ``A`` has orthogonal
+        directions and ``BA`` starts small but non-zero; the base weight is untouched. The same random draws
+        as HF PEFT (needs an even ``r``)."""
+        r = self.r[adapter_name]
+        if r % 2:
+            raise ValueError(f"Orthogonal initialization requires the LoRA rank to be even, got {r} instead.")
+        Q, _ = torch.linalg.qr(torch.randn(r, r))
+        A = torch.randn(self.in_features, r // 2).mm(Q[0::2, :]).T / 10.0
+        B = torch.randn(r // 2, self.out_features).T.mm(Q[1::2, :]) / 10.0
+        self.lora_A[adapter_name].weight.copy_(A)
+        self.lora_B[adapter_name].weight.copy_(B)
 
     @torch.no_grad()
     def _decomposition_init(self, adapter_name: str, init: str) -> None:
