@@ -261,3 +261,33 @@ ENCODER_ATTENTION: dict[str, EncoderAttention] = {
 #: ``model.config.model_type`` values whose attention modules have ``q_proj``/``k_proj``/``v_proj``/
 #: ``o_proj`` and rotary position embeddings passed as ``position_embeddings``.
 ROTARY_QKVO_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+# ---------------------------------------------------------------------- The stack of blocks (layers)
+#: Where the list of transformer blocks lives, tried in order below the outermost ``.model`` chain (HF
+#: PEFT's rule for ``layer_replication``): llama-like ``layers``, BERT's ``encoder.layer``, Falcon's ``h``.
+BLOCK_LIST_PATHS: tuple[str, ...] = ("layers", "encoder.layer", "h")
+
+
+def find_block_list(model: object) -> tuple[object, str]:
+    """``(owner, path)`` of ``model``'s list of transformer blocks: ``owner`` is the innermost ``.model``
+    (or a BERT model's ``.bert``), ``path`` one of :data:`BLOCK_LIST_PATHS` under it.
+
+    Raises:
+        ValueError: no block list is found there.
+    """
+    owner = model
+    while hasattr(owner, "model"):
+        owner = owner.model
+    if hasattr(owner, "bert"):
+        owner = owner.bert
+    for path in BLOCK_LIST_PATHS:
+        found = owner
+        for part in path.split("."):
+            found = getattr(found, part, None)
+        if found is not None and type(found).__name__ == "ModuleList":
+            return owner, path
+    raise ValueError(
+        "Could not locate the layers attribute in the model. Expected Llama, Bert or Falcon compatible "
+        "architectures (a ModuleList at .layers, .encoder.layer or .h)."
+    )

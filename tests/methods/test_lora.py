@@ -8,7 +8,7 @@ import math
 import peft
 import pytest
 import torch
-from tiny_models import tiny_llama
+from tiny_models import tiny_gpt2, tiny_llama
 from torch import nn
 
 import peftkit
@@ -490,3 +490,19 @@ def test_lora_bias_is_refused_where_hf_peft_refuses_it() -> None:
     with pytest.raises(RuntimeError, match="base layer has no bias"):
         model.merge_adapter()
     assert not any(layer.merged for _, layer in model.base_model.adapter_layers())
+
+
+def test_merging_into_a_tied_weight_leaves_the_other_module_alone() -> None:
+    """GPT-2's lm_head is tied to its input embedding: merging a LoRA on lm_head must not change the
+    embedding (the merged layer gets its own copy, with a warning)."""
+    base = tiny_gpt2()
+    assert base.lm_head.weight is base.transformer.wte.weight
+    embedding = base.transformer.wte.weight.detach().clone()
+    model = get_peft_model(base, LoraConfig(target_modules=["lm_head"], init_lora_weights=False)).eval()
+    ids = _ids()
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with pytest.warns(UserWarning, match="own copy"):
+            merged = model.merge_and_unload()
+        assert torch.equal(merged.transformer.wte.weight, embedding)
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=0)

@@ -682,6 +682,7 @@ class BaseTuner(nn.Module):
                             f"merged."
                         )
         try:
+            self._untie_merged_weights(adapter_names)
             for layer, _, _, _ in before:
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
         except BaseException:
@@ -702,6 +703,32 @@ class BaseTuner(nn.Module):
                 )
             elif selection is not None:
                 selection.merged = True
+
+    def _untie_merged_weights(self, adapter_names: Sequence[str] | None) -> None:
+        """Give each layer about to merge its own copy of a base parameter it shares with another module
+        (tied embeddings, blocks repeated by ``layer_replication``): merging into the shared tensor would add
+        this layer's update to every module that holds it. The rollback of a failed merge ties them again."""
+        counts: dict[int, int] = {}
+        for _, param in self.model.named_parameters(remove_duplicate=False):
+            counts[id(param)] = counts.get(id(param), 0) + 1
+        untied = []
+        for path, layer in self.adapter_layers():
+            names = self.active_adapters if adapter_names is None else adapter_names
+            if not any(n in layer.adapter_names and n not in layer.merged_adapters for n in names):
+                continue
+            base = layer.get_base_layer()
+            for name, param in list(base.named_parameters(recurse=False)):
+                if counts.get(id(param), 0) > 1 and type(param) is nn.Parameter:
+                    setattr(
+                        base, name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                    )
+                    untied.append(f"{path}.{name}")
+        if untied:
+            warnings.warn(
+                f"Merging into {len(untied)} weight(s) that other modules share (tied or replicated layers, e.g. "
+                f"{untied[0]}): each merged layer gets its own copy, so the others keep their weights.",
+                stacklevel=4,
+            )
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.adapter_layers():

@@ -27,6 +27,7 @@ Parameter names and the checkpoint format are HF PEFT's.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftkit.architectures import find_block_list
 from peftkit.core.checkpoint import validate_adapter_name
 from peftkit.core.config import PeftConfig, PeftType
 from peftkit.core.layer import AdapterLayer, adapter_dtype, linear_fan_in_fan_out, parameter_override
@@ -74,6 +76,10 @@ class LoraConfig(PeftConfig):
         target_parameters: parameters to adapt directly, by name or dotted suffix (``"experts.gate_up_proj"``):
             the 3-D expert weights of MoE blocks, which ``target_modules`` cannot reach (see
             :class:`ParamWrapper`). With it, ``target_modules=None`` targets no module.
+        layer_replication: build the block stack from ``[start, end)`` ranges of the original blocks, repeated
+            blocks sharing their base weights (each gets its own adapter): ``[[0, 4], [2, 5]]`` makes blocks
+            ``0 1 2 3 2 3 4`` (HF PEFT's option, as in LLaMA-Pro style expansion). Done once, by the first
+            adapter; it stays after unloading.
     """
 
     r: int = 8
@@ -93,6 +99,7 @@ class LoraConfig(PeftConfig):
     use_dora: bool = False
     lora_bias: bool = False
     target_parameters: list[str] | None = None
+    layer_replication: list[list[int]] | None = None
 
     foreign_defaults: ClassVar[dict[str, Any]] = {"megatron_core": "megatron.core", "qalora_group_size": 16}
     # HF PEFT options that change the layers or the forward (init-time-only options such as loftq_config or
@@ -103,7 +110,6 @@ class LoraConfig(PeftConfig):
         "alora_invocation_tokens",
         "use_qalora",
         "monteclora_config",
-        "layer_replication",
         "use_bdlora",
         "arrow_config",
         "kasa_config",
@@ -133,6 +139,21 @@ class LoraConfig(PeftConfig):
         if self.lora_bias and self.use_dora:
             raise ValueError(
                 "The argument lora_bias=True is not supported for DoRA, please pass use_dora=False"
+            )
+        if self.layer_replication is not None and (
+            not isinstance(self.layer_replication, (list, tuple))
+            or not self.layer_replication
+            or not all(
+                isinstance(r, (list, tuple))
+                and len(r) == 2
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in r)
+                and 0 <= r[0] < r[1]
+                for r in self.layer_replication
+            )
+        ):
+            raise ValueError(
+                f"layer_replication={self.layer_replication!r}: give a list of [start, end) ranges of block "
+                f"indices with 0 <= start < end, e.g. [[0, 4], [2, 5]]."
             )
         if self.target_parameters is not None and (
             not isinstance(self.target_parameters, (list, tuple))
@@ -1009,6 +1030,22 @@ def _keeps_fused_paths_off(module: nn.Module, args: Any) -> None:
     """A forward pre-hook that does nothing (see :class:`MultiheadAttention`)."""
 
 
+def _replicated_blocks(blocks: nn.ModuleList, layout: Sequence[Sequence[int]]) -> nn.ModuleList:
+    """The blocks of ``layout``'s ranges in order, each a copy whose parameters are the original block's own
+    tensors (shared, not copied); attention modules get their new position as ``layer_idx`` (the KV cache
+    slot), as in HF PEFT."""
+    new = []
+    for start, end in layout:
+        for index in range(start, end):
+            shared = {id(param): param for param in blocks[index].parameters()}  # deepcopy keeps these
+            clone = copy.deepcopy(blocks[index], memo=shared)
+            for module in clone.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = len(new)
+            new.append(clone)
+    return nn.ModuleList(new)
+
+
 _CONV_BY_DIM: dict[int, type[nn.Module]] = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
 _LORA_CONV_BY_DIM: dict[int, type[_ConvNd]] = {3: Conv1d, 4: Conv2d, 5: Conv3d}
 
@@ -1040,6 +1077,40 @@ class LoraModel(BaseTuner):
                     f"When using multiple adapters with `target_parameters`, all adapters must target the same "
                     f"set of parameters, but got {new} for the new adapter and {targets} for adapter {name!r}."
                 )
+
+    def inject_adapter(self, adapter_name: str) -> None:
+        """``layer_replication`` rebuilds the block stack before the first adapter's layers are placed (undone
+        if injection fails)."""
+        config = self.peft_config[adapter_name]
+        layout = getattr(config, "layer_replication", None)
+        applied = self.__dict__.get("_layer_replication")
+        if not layout or applied is not None:
+            if layout and [list(r) for r in layout] != applied:
+                raise ValueError(
+                    f"This model's blocks were already replicated as {applied}; adapter {adapter_name!r} asks for "
+                    f"{layout}. All adapters of a model share one layer_replication."
+                )
+            return super().inject_adapter(adapter_name)
+        owner, path = find_block_list(self.model)
+        parent_path, _, attr = path.rpartition(".")
+        parent = owner.get_submodule(parent_path) if parent_path else owner
+        original = getattr(parent, attr)
+        if max(end for _, end in layout) > len(original):
+            raise ValueError(f"layer_replication={layout} reaches past the model's {len(original)} blocks.")
+        config_obj = getattr(self.model, "config", None)
+        old_count = getattr(config_obj, "num_hidden_layers", None)
+        setattr(parent, attr, _replicated_blocks(original, layout))
+        if old_count is not None:
+            config_obj.num_hidden_layers = len(getattr(parent, attr))
+        self.__dict__["_layer_replication"] = [list(r) for r in layout]
+        try:
+            super().inject_adapter(adapter_name)
+        except BaseException:
+            setattr(parent, attr, original)
+            if old_count is not None:
+                config_obj.num_hidden_layers = old_count
+            del self.__dict__["_layer_replication"]
+            raise
 
     def target_names(self, config: PeftConfig, modules_to_save: Sequence[str]) -> list[str]:
         assert isinstance(config, LoraConfig)
