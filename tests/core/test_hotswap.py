@@ -84,6 +84,20 @@ def test_hotswap_refuses_what_does_not_fit(tmp_path) -> None:
     torch.testing.assert_close(_logits(model), before, rtol=0, atol=0)
 
 
+def test_hotswap_into_a_merged_adapter_is_refused(tmp_path) -> None:
+    """New values would not reach weights the old ones were merged into: unmerge first."""
+    model = peftkit.PeftModel.from_pretrained(tiny_llama(), _saved(tmp_path, "a", 0, r=4))
+    model.merge_adapter()
+    before = _logits(model)
+    with pytest.raises(ValueError, match="merged into the base weights"):
+        peftkit.hotswap_adapter(model, _saved(tmp_path, "b", 1, r=4))
+    torch.testing.assert_close(_logits(model), before, rtol=0, atol=0)
+    model.unmerge_adapter()
+    peftkit.hotswap_adapter(model, _saved(tmp_path, "b", 1, r=4))
+    fresh = peftkit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "b"))
+    torch.testing.assert_close(_logits(model), _logits(fresh), rtol=0, atol=1e-6)
+
+
 def test_hotswap_updates_mixed_batches(tmp_path) -> None:
     model = peftkit.PeftModel.from_pretrained(tiny_llama(), _saved(tmp_path, "one", 0, r=4))
     model.load_adapter(_saved(tmp_path, "two", 1, r=4), adapter_name="two")

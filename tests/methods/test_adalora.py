@@ -303,3 +303,20 @@ def test_grouped_conv2d_is_refused_and_the_model_unchanged():
     with pytest.raises(ValueError, match=r"grouped convolutions \(groups=2\)"):
         get_peft_model(model, AdaLoraConfig(**schedule(target_modules=["0"])))
     assert type(model[0]) is torch.nn.Conv2d
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_option_trains_and_saves_what_hf_peft_does(bias):
+    """LoRA's ``bias`` option applies to AdaLoRA as in HF PEFT (the same trainable biases and saved keys);
+    a second adapter with a bias is refused, since biases are shared."""
+    peft = pytest.importorskip("peft")
+    kwargs = schedule(target_modules=["c_attn"], bias=bias)
+    ours = get_peft_model(build_model("gpt2"), AdaLoraConfig(**kwargs))
+    theirs = peft.get_peft_model(build_model("gpt2"), peft.AdaLoraConfig(**kwargs))
+    trainable = [sorted(n for n, p in m.named_parameters() if p.requires_grad) for m in (ours, theirs)]
+    assert trainable[0] == trainable[1] and any(n.endswith("bias") for n in trainable[0])
+    saved = [sorted(lib.get_peft_model_state_dict(m)) for lib, m in ((peftkit, ours), (peft, theirs))]
+    assert saved[0] == saved[1]
+    with pytest.raises(ValueError, match="only 1 adapter with bias"):
+        ours.add_adapter("other", AdaLoraConfig(**kwargs))
+    assert list(ours.peft_config) == ["default"]

@@ -51,6 +51,12 @@ def hotswap_adapter(
             f"No adapter named {adapter_name!r} to hot-swap into; this model has {list(tuner.peft_config)}. "
             f"Use load_adapter to add a new one."
         )
+    merged = [path for path, layer in tuner.adapter_layers() if adapter_name in layer.merged_adapters]
+    if merged:
+        raise ValueError(
+            f"Adapter {adapter_name!r} is merged into the base weights (e.g. {merged[0]}); new values would not "
+            f"reach them. Unmerge it (model.unmerge_adapter()) before hot-swapping."
+        )
     current = tuner.peft_config[adapter_name]
     if config.peft_type != current.peft_type:
         raise ValueError(

@@ -77,13 +77,16 @@ def parameter_override(module: nn.Module, name: str, value: torch.Tensor) -> Ite
     parameter) while the parameter itself stays registered and untouched: the placement of adapters that
     change a parameter which the module's own forward reads (fused expert weights, an attention block's
     packed projection). Gradients flow into whatever ``value`` was computed from."""
-    if name in module.__dict__:
-        raise RuntimeError(f"{type(module).__name__}.{name} is already overridden.")
+    missing = object()
+    previous = module.__dict__.get(name, missing)  # e.g. a view FSDP keeps there
     module.__dict__[name] = value  # found before nn.Module.__getattr__ looks in _parameters
     try:
         yield
     finally:
-        del module.__dict__[name]
+        if previous is missing:
+            del module.__dict__[name]
+        else:
+            module.__dict__[name] = previous
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -266,6 +269,10 @@ class AdapterLayer(nn.Module):
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's update in the base weight's layout: ``W_merged = W + delta_weight``."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into its base weight.")
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """HF PEFT's name for :meth:`delta_weight`."""
+        return self.delta_weight(adapter_name)
 
     def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The merged weight for one adapter (methods whose merge is not additive override this)."""

@@ -47,6 +47,8 @@ def split_module_name(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.M
 def _get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
     """HF PEFT's helper (``peft.utils._get_submodules``): ``(parent, module, child name)`` of ``key``; the
     order differs from :func:`split_module_name`'s."""
+    if not key:  # the model itself (HF PEFT walks every name of named_modules(), the root's "" included)
+        return model, model, ""
     parent, child_name, module = split_module_name(model, key)
     return parent, module, child_name
 

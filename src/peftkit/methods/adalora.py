@@ -40,7 +40,7 @@ from peftkit.core.config import PeftConfig, PeftType
 from peftkit.core.layer import SAVED_PREFIX, AdapterLayer, adapter_dtype
 from peftkit.core.registry import register_method
 from peftkit.core.tuner import BaseTuner
-from peftkit.methods.lora import LoraConfig
+from peftkit.methods.lora import LoraConfig, bias_parameters, check_one_bias_adapter
 
 
 @dataclass
@@ -315,6 +315,12 @@ class AdaLoraModel(BaseTuner):
         self.rank_allocators: dict[str, RankAllocator] = {}
         self.rank_patterns: dict[str, dict[str, list[bool]]] = {}
         super().__init__(*args, **kwargs)
+
+    def check_new_adapter_config(self, config: PeftConfig) -> None:
+        check_one_bias_adapter(self)
+
+    def extra_adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        return bias_parameters(self, adapter_name, AdaLoraLayer)  # LoRA's ``bias`` option, as in HF PEFT
 
     def create_or_update_layer(
         self, target: nn.Module, target_name: str, config: PeftConfig, adapter_name: str

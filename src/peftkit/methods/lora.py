@@ -170,15 +170,15 @@ class LoraConfig(PeftConfig):
                 f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
                 f"'pissa_niter_K', 'olora' or 'orthogonal'."
             )
+        if isinstance(self.target_modules, str):
+            for option in ("layers_to_transform", "layers_pattern"):
+                if getattr(self, option) is not None and getattr(self, option) != []:
+                    raise ValueError(  # HF PEFT's words, then how
+                        f"`{option}` cannot be used when `target_modules` is a str. Put the layer index into the "
+                        f"regex (or use 'all-linear' without it), or list module names instead."
+                    )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only applies together with layers_to_transform; set both.")
-        if isinstance(self.target_modules, str) and (
-            self.layers_to_transform is not None or self.layers_pattern
-        ):
-            raise ValueError(
-                "layers_to_transform / layers_pattern cannot be combined with a string target_modules (a regex "
-                "or 'all-linear'); put the layer index into the regex, or list module names instead."
-            )
         check_module_names("target_modules", self.target_modules)
 
 
@@ -1046,6 +1046,41 @@ def _replicated_blocks(blocks: nn.ModuleList, layout: Sequence[Sequence[int]]) -
     return nn.ModuleList(new)
 
 
+def check_one_bias_adapter(tuner: BaseTuner) -> None:
+    """Biases are the model's own and shared: only one adapter may train them (as HF PEFT)."""
+    if sum(getattr(c, "bias", "none") != "none" for c in tuner.peft_config.values()) > 1:
+        raise ValueError(
+            f"{type(tuner).__name__} supports only 1 adapter with bias. When using multiple adapters, set "
+            f"bias to 'none' for all adapters."
+        )
+
+
+def bias_parameters(
+    tuner: BaseTuner, adapter_name: str, layer_type: type[AdapterLayer]
+) -> dict[str, nn.Parameter]:
+    """The model's biases that adapter ``adapter_name`` trains and saves (LoRA's ``bias`` option):
+    ``"lora_only"``, the biases of the ``layer_type`` layers it wraps; ``"all"``, every bias (except
+    inside ``modules_to_save`` wrappers, whose copies belong to the wrapper)."""
+    bias = getattr(tuner.peft_config[adapter_name], "bias", "none")
+    if bias == "none":
+        return {}
+    if bias == "lora_only":
+        return {
+            f"{path}.base_layer.bias": layer.get_base_layer().bias
+            for path, layer in tuner.adapter_layers()
+            if isinstance(layer, layer_type)
+            and adapter_name in layer.adapter_names
+            and layer.bias is not None
+        }
+    return {
+        name: param
+        for name, param in tuner.model.named_parameters()
+        if name.rsplit(".", 1)[-1] == "bias"
+        and ".modules_to_save." not in name
+        and ".original_module." not in name
+    }
+
+
 _CONV_BY_DIM: dict[int, type[nn.Module]] = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
 _LORA_CONV_BY_DIM: dict[int, type[_ConvNd]] = {3: Conv1d, 4: Conv2d, 5: Conv3d}
 
@@ -1058,12 +1093,7 @@ class LoraModel(BaseTuner):
     supports_quantized_layers = True  # bitsandbytes Linear4bit / Linear8bitLt (QLoRA), DoRA included
 
     def check_new_adapter_config(self, config: PeftConfig) -> None:
-        # biases are the model's own and shared: only one adapter may train them (as HF PEFT)
-        if sum(getattr(c, "bias", "none") != "none" for c in self.peft_config.values()) > 1:
-            raise ValueError(
-                f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, set "
-                f"bias to 'none' for all adapters."
-            )
+        check_one_bias_adapter(self)
         # adapters on parameters nest per parameter: all of them must target the same parameters (HF PEFT)
         target_sets = {
             name: sorted(set(c.target_parameters))
@@ -1210,28 +1240,7 @@ class LoraModel(BaseTuner):
         return new_module
 
     def extra_adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
-        config = self.peft_config[adapter_name]
-        bias = getattr(config, "bias", "none")
-        if bias == "none":
-            return {}
-        if bias == "lora_only":
-            params = {}
-            for path, layer in self.adapter_layers():
-                if (
-                    isinstance(layer, LoraLayer)
-                    and adapter_name in layer.adapter_names
-                    and layer.bias is not None
-                ):
-                    params[f"{path}.base_layer.bias"] = layer.get_base_layer().bias
-            return params
-        return {
-            name: param
-            for name, param in self.model.named_parameters()
-            # the copies in a modules_to_save wrapper belong to that wrapper; its original is unused
-            if name.rsplit(".", 1)[-1] == "bias"
-            and ".modules_to_save." not in name
-            and ".original_module." not in name
-        }
+        return bias_parameters(self, adapter_name, LoraLayer)
 
     # ------------------------------------------------------------------------------- hot-swapping
     # The rank dimension of each factor, by the end of its on-disk key: A is (r, in...), B is (out, r...).
