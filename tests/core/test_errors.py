@@ -641,3 +641,15 @@ def test_methods_without_quantized_support_refuse_bitsandbytes_layers(tmp_path, 
         )
     assert [type(m).__name__ for m in model.modules()] == before
     assert get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # LoRA supports them
+
+
+def test_wrapping_a_model_that_still_holds_adapter_layers_is_refused() -> None:
+    """get_peft_model twice on one base would put a second PeftModel over the first one's layers."""
+    base = tiny_llama()
+    first = get_peft_model(base, LoraConfig(target_modules=["q_proj"]))
+    before = snapshot(base)
+    with pytest.raises(ValueError, match="for a second time.*model.layers.0.self_attn.q_proj"):
+        get_peft_model(base, LoraConfig(target_modules=["q_proj"]))
+    assert_unchanged(base, before)
+    first.unload()
+    get_peft_model(base, LoraConfig(target_modules=["q_proj"]))  # fine once the first adapter is gone

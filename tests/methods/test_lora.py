@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import peft
 import pytest
@@ -506,3 +507,20 @@ def test_merging_into_a_tied_weight_leaves_the_other_module_alone() -> None:
             merged = model.merge_and_unload()
         assert torch.equal(merged.transformer.wte.weight, embedding)
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=0)
+
+
+def test_rank_and_alpha_pattern_keys_that_match_nothing_are_reported() -> None:
+    """A misspelt rank_pattern key would leave every layer at the default rank: HF PEFT's warning says so."""
+    config = LoraConfig(
+        target_modules=QV,
+        rank_pattern={"q_proj": 2, "q_prj": 3},
+        alpha_pattern={"layers.0.self_attn.v_proj": 4},
+    )
+    with pytest.warns(
+        RuntimeWarning, match=r"rank_pattern keys did not match any targeted module .*\['q_prj'\]"
+    ):
+        model = get_peft_model(tiny_llama(), config)
+    assert model.base_model.model.model.layers[1].self_attn.q_proj.r["default"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=QV, rank_pattern={"q_proj": 2}))

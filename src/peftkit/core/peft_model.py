@@ -142,6 +142,15 @@ class PeftModel(nn.Module):
         super().__init__()
         if isinstance(model, PeftModel):
             raise TypeError("The model is already a PeftModel; use model.add_adapter(name, config) instead.")
+        wrapped = next(
+            (n for n, m in model.named_modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))), None
+        )
+        if wrapped is not None:
+            raise ValueError(
+                f"You are trying to modify a model with PEFT for a second time: it still holds the adapter layers "
+                f"of an earlier PeftModel (e.g. {wrapped}). Call .unload() or .merge_and_unload() on that one "
+                f"first, or add another adapter to it with add_adapter(name, config)."
+            )
         tuner_cls = _tuner_class_for(model, peft_config, adapter_name)
         with adapter_dtype_policy(autocast_adapter_dtype):
             self.base_model: BaseTuner = tuner_cls(

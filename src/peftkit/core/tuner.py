@@ -366,14 +366,16 @@ class BaseTuner(nn.Module):
                 new_module = self.create_or_update_layer(target, name, config, adapter_name)
                 if new_module is not None:
                     setattr(parent, child_name, new_module)
+            self.module_targets_by_adapter[adapter_name] = names
             self.parameter_targets_by_adapter[adapter_name] = self.inject_parameters(adapter_name, config)
             self._wrap_modules_to_save(adapter_name, config)
             selection = self.select_base_parameters(adapter_name, config)
             if selection is not None:
                 self._add_selection(adapter_name, selection)
-            self.module_targets_by_adapter[adapter_name] = names
         except BaseException:
             self._remove_adapter_modules(adapter_name)
+            self.module_targets_by_adapter.pop(adapter_name, None)
+            self.parameter_targets_by_adapter.pop(adapter_name, None)
             raise
         self.set_adapter(self.active_adapters)
 

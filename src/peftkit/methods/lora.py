@@ -1181,6 +1181,19 @@ class LoraModel(BaseTuner):
             if not matched:
                 raise ValueError(f"target_parameters={targets} were set but no parameter was matched.")
         self._warn_unreached_expert_parameters(matched)
+        targeted = self.module_targets_by_adapter.get(adapter_name, []) + matched
+        for option in ("rank_pattern", "alpha_pattern"):
+            patterns = getattr(config, option) or {}
+            unmatched = sorted(
+                k for k in patterns if all(per_module_value(t, {k: 0}, None) is None for t in targeted)
+            )
+            if unmatched:  # a typo would otherwise leave every layer at the default silently
+                warnings.warn(
+                    f"The following {option} keys did not match any targeted module and were ignored: "
+                    f"{unmatched}.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
         return matched
 
     def _wrap_parameters(self, adapter_name: str, config: LoraConfig, targets: list[str]) -> list[str]:
