@@ -648,7 +648,7 @@ def test_wrapping_a_model_that_still_holds_adapter_layers_is_refused() -> None:
     base = tiny_llama()
     first = get_peft_model(base, LoraConfig(target_modules=["q_proj"]))
     before = snapshot(base)
-    with pytest.raises(ValueError, match="for a second time.*model.layers.0.self_attn.q_proj"):
+    with pytest.raises(ValueError, match=r"for a second time.*model\.layers\.0\.self_attn\.q_proj"):
         get_peft_model(base, LoraConfig(target_modules=["q_proj"]))
     assert_unchanged(base, before)
     first.unload()
