@@ -54,3 +54,13 @@ def assert_unchanged(model: nn.Module, before: dict[str, dict[str, Any]]) -> Non
             if not _same_tensor(t, after[kind][name])
         }
         assert not changed, f"{kind} changed (name: max |difference|): {changed}"
+
+
+@torch.no_grad()
+def perturb_trainable(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
+    """Move every trainable parameter off its initial value by seeded noise of ``scale`` (so that zero
+    ``B`` factors and unit magnitudes do not make an adapter trivial in a test)."""
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.add_(torch.randn(param.shape, generator=generator) * scale)

@@ -17,8 +17,12 @@ from transformers import (
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -129,6 +133,40 @@ def tiny_bart(
         init_std=0.2 if lively else 0.02,
     )
     return BartForConditionalGeneration(config).eval()
+
+
+def tiny_mixtral(seed: int = 0) -> MixtralForCausalLM:
+    """A 2-block Mixtral whose 4 experts per block are 3-D parameters ``(E, out, in)`` (transformers 5)."""
+    torch.manual_seed(seed)
+    config = MixtralConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    return MixtralForCausalLM(config).eval()
+
+
+def tiny_gpt_oss(seed: int = 0) -> GptOssForCausalLM:
+    """A 2-block gpt-oss whose experts are stored ``(E, in, out)`` (``is_transposed``)."""
+    torch.manual_seed(seed)
+    config = GptOssConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["full_attention", "full_attention"],
+    )
+    return GptOssForCausalLM(config).eval()
 
 
 def build_model(kind: str, seed: int = 0) -> torch.nn.Module:

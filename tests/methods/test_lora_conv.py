@@ -15,6 +15,7 @@ from typing import Any
 import peft
 import pytest
 import torch
+from model_state import perturb_trainable
 from safetensors.torch import load_file
 from torch import nn
 
@@ -67,7 +68,7 @@ def _make(lib: ModuleType, setup: str, seed: int = 0) -> Any:
     """``lib``'s adapter on a fresh ConvNet, every trainable parameter moved off its init."""
     with pytest.warns(UserWarning) if "grouped" in str(SETUPS[setup]["target_modules"]) else _nothing():
         model = lib.get_peft_model(ConvNet(), lib.LoraConfig(**SETUPS[setup]))
-    _perturb(model, seed)
+    perturb_trainable(model, seed)
     return model.eval()
 
 
@@ -77,14 +78,6 @@ class _nothing:
 
     def __exit__(self, *exc: Any) -> None:
         return None
-
-
-@torch.no_grad()
-def _perturb(model: nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    for param in model.parameters():
-        if param.requires_grad:
-            param.add_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 @pytest.mark.parametrize(("src", "dst"), [("peft", "peftkit"), ("peftkit", "peft")])
@@ -122,7 +115,7 @@ def test_training_step_gradients_equal_hf_peft(setup: str) -> None:
         ours = get_peft_model(ConvNet(), LoraConfig(**kwargs))
     with pytest.warns(UserWarning) if "grouped" in str(kwargs["target_modules"]) else _nothing():
         theirs = peft.get_peft_model(ConvNet(), peft.LoraConfig(**kwargs))
-    _perturb(ours, 1)
+    perturb_trainable(ours, 1)
     theirs.load_state_dict(ours.state_dict())
     grads = {}
     for name, model in (("peftkit", ours), ("peft", theirs)):

@@ -23,6 +23,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
+from model_state import perturb_trainable
 from safetensors.torch import load_file
 from tiny_models import tiny_llama
 from torch import nn
@@ -113,16 +114,8 @@ def _make(lib: ModuleType, setup: str, seed: int = 0) -> Any:
     (so that ``B`` and ``m`` are not trivial)."""
     build, kwargs, _ = SETUPS[setup]
     model = lib.get_peft_model(build(0), lib.LoraConfig(use_dora=True, **kwargs))
-    _perturb(model, seed)
+    perturb_trainable(model, seed)
     return model.eval()
-
-
-@torch.no_grad()
-def _perturb(model: nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    for param in model.parameters():
-        if param.requires_grad:
-            param.add_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 def _layer(model: nn.Module, name: str) -> Any:
@@ -168,7 +161,7 @@ def test_conv2d_dora_with_dropout_feeds_the_dropped_input_to_the_adapter_terms()
     """
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["conv1"], use_dora=True, lora_dropout=0.5)
     model = get_peft_model(EmbedConvNet(), config)
-    _perturb(model, 0)
+    perturb_trainable(model, 0)
     layer = _layer(model, "conv1").train()
     x = torch.randn(2, 3, 9, 9)
     torch.manual_seed(11)
@@ -308,7 +301,7 @@ def test_two_active_dora_adapters_merge_like_forward(lib_name: str, tmp_path: Pa
         model = lib.get_peft_model(EmbedConvNet(), lib.LoraConfig(**kwargs))
         model.add_adapter("other", lib.LoraConfig(**{**kwargs, "lora_alpha": 16}))
         models[name] = model
-    _perturb(models["peftkit"], 3)
+    perturb_trainable(models["peftkit"], 3)
     models["peft"].load_state_dict(models["peftkit"].state_dict())
     inputs = _inputs()
     merged = {}
@@ -337,7 +330,7 @@ def test_training_step_gradients_equal_hf_peft(setup: str) -> None:
     kwargs = {**kwargs, "use_dora": True, "lora_dropout": 0.1}
     ours = get_peft_model(build(0), LoraConfig(**kwargs))
     theirs = peft.get_peft_model(build(0), peft.LoraConfig(**kwargs))
-    _perturb(ours, 1)
+    perturb_trainable(ours, 1)
     theirs.load_state_dict(ours.state_dict())  # the same in-memory names in both libraries
     inputs = make_inputs()
     grads = {}
@@ -373,7 +366,7 @@ def test_mixed_adapter_batch_rows_equal_single_adapter_outputs() -> None:
     kwargs = dict(target_modules=["embed", "conv1", "conv3"], use_dora=True, init_lora_weights=False)
     model = get_peft_model(EmbedConvNet(), LoraConfig(r=2, **kwargs))
     model.add_adapter("other", LoraConfig(r=3, lora_alpha=12, **kwargs))
-    _perturb(model, 2)
+    perturb_trainable(model, 2)
     inputs = _inputs()
     names = ["other", "__base__", "default"]
     with torch.no_grad():

@@ -17,10 +17,10 @@ from typing import Any
 import peft
 import pytest
 import torch
+from model_state import perturb_trainable
 from safetensors.torch import load_file
-from tiny_models import tiny_llama
+from tiny_models import tiny_gpt_oss, tiny_llama, tiny_mixtral
 from torch import nn
-from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import peftkit
 from peftkit import LoraConfig, PeftModel, get_peft_model
@@ -32,38 +32,6 @@ EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 IDS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
 
 
-def tiny_mixtral(seed: int = 0) -> MixtralForCausalLM:
-    torch.manual_seed(seed)
-    config = MixtralConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
-    return MixtralForCausalLM(config).eval()
-
-
-def tiny_gpt_oss(seed: int = 0) -> GptOssForCausalLM:
-    torch.manual_seed(seed)
-    config = GptOssConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        layer_types=["full_attention", "full_attention"],
-    )
-    return GptOssForCausalLM(config).eval()
-
-
 MODELS = {"mixtral": tiny_mixtral, "gpt-oss": tiny_gpt_oss}
 KWARGS: dict[str, Any] = dict(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=EXPERTS)
 
@@ -72,11 +40,7 @@ def _make(lib: ModuleType, model: str, seed: int = 0, **changes: Any) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # HF PEFT's own notices about parameter targeting
         adapted = lib.get_peft_model(MODELS[model](), lib.LoraConfig(**{**KWARGS, **changes}))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in adapted.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    perturb_trainable(adapted, seed)
     return adapted.eval()
 
 
