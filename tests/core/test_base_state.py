@@ -8,6 +8,7 @@ import torch
 from tiny_models import model_inputs, tiny_bert_seq_cls, tiny_llama
 
 import peftkit
+from peftkit import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
 
 def test_inject_adapter_in_model_adds_layers_in_place_as_hf_peft() -> None:
@@ -63,3 +64,35 @@ def test_set_base_model_state_dict_loads_base_weights_and_keeps_the_adapter() ->
         peftkit.set_base_model_state_dict(model, {**other.state_dict(), "nope.weight": torch.zeros(1)})
     loose = peftkit.set_base_model_state_dict(model, {"nope.weight": torch.zeros(1)}, strict=False)
     assert loose.unexpected_keys == ["nope.weight"] and len(loose.missing_keys) == len(other.state_dict())
+
+
+def test_overlapping_parameter_overrides_leave_the_parameter_as_it_was() -> None:
+    """Overrides that end out of order (as two threads would) must not leave a stale value behind."""
+    from peftkit.core.layer import parameter_override
+
+    layer = torch.nn.Linear(2, 2)
+    first = parameter_override(layer, "weight", torch.zeros(2, 2))
+    second = parameter_override(layer, "weight", torch.ones(2, 2))
+    first.__enter__()
+    second.__enter__()
+    assert torch.equal(layer.weight, torch.ones(2, 2))
+    first.__exit__(None, None, None)
+    assert torch.equal(layer.weight, torch.ones(2, 2))  # the still-active override stays visible
+    second.__exit__(None, None, None)
+    assert isinstance(layer.weight, torch.nn.Parameter) and "weight" not in layer.__dict__
+    assert not any(k.startswith("_peftkit") for k in layer.__dict__)
+
+
+def test_a_second_inject_adapter_in_model_adds_to_the_first() -> None:
+    """transformers' multi-adapter pattern: two injected adapters, both saved and loaded by name."""
+    model = tiny_llama()
+    inject_adapter_in_model(LoraConfig(target_modules=["q_proj"], init_lora_weights=False), model, "a")
+    inject_adapter_in_model(LoraConfig(target_modules=["v_proj"], init_lora_weights=False), model, "b")
+    a, b = get_peft_model_state_dict(model, "a"), get_peft_model_state_dict(model, "b")
+    assert a and b and all("q_proj" in k for k in a) and all("v_proj" in k for k in b)
+    set_peft_model_state_dict(model, {k: torch.zeros_like(v) for k, v in b.items()}, "b")
+    assert all(not v.any() for v in get_peft_model_state_dict(model, "b").values())
+    with pytest.raises(ValueError, match="cannot join"):
+        inject_adapter_in_model(
+            peftkit.IA3Config(target_modules=["k_proj"], feedforward_modules=[]), model, "c"
+        )

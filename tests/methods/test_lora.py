@@ -524,3 +524,20 @@ def test_rank_and_alpha_pattern_keys_that_match_nothing_are_reported() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         get_peft_model(tiny_llama(), LoraConfig(target_modules=QV, rank_pattern={"q_proj": 2}))
+
+
+def test_unmerging_ties_the_shared_weight_again() -> None:
+    """A merge gives the merged layer its own copy of a tied weight; unmerging puts the tie back exactly."""
+    base = tiny_gpt2()
+    embedding = base.transformer.wte.weight
+    before = embedding.detach().clone()
+    model = get_peft_model(base, LoraConfig(target_modules=["lm_head", "c_attn"], init_lora_weights=False))
+    with pytest.warns(UserWarning, match="own copy"):
+        model.merge_adapter()
+    assert base.lm_head.weight is not embedding
+    model.unmerge_adapter()
+    assert base.lm_head.weight is embedding and torch.equal(embedding, before)
+    with pytest.warns(UserWarning, match="own copy"):  # and again, after a second merge
+        model.merge_adapter()
+    model.unmerge_adapter()
+    assert base.lm_head.weight is embedding

@@ -16,6 +16,7 @@ update can be folded into the base weight, :meth:`AdapterLayer.delta_weight`.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextvars import ContextVar
@@ -71,22 +72,45 @@ def layer_features(layer: nn.Module) -> tuple[int | None, int | None]:
     return None, None
 
 
+_OVERRIDES_KEY = "_peftkit_parameter_overrides"  # module.__dict__ entry: name -> (original, active stack)
+_OVERRIDES_LOCK = threading.Lock()
+_NOT_SET = object()
+
+
 @contextlib.contextmanager
 def parameter_override(module: nn.Module, name: str, value: torch.Tensor) -> Iterator[None]:
     """Within the block, ``module.<name>`` reads ``value`` (e.g. ``W + ΔW``, a tensor computed from the
     parameter) while the parameter itself stays registered and untouched: the placement of adapters that
     change a parameter which the module's own forward reads (fused expert weights, an attention block's
-    packed projection). Gradients flow into whatever ``value`` was computed from."""
-    missing = object()
-    previous = module.__dict__.get(name, missing)  # e.g. a view FSDP keeps there
-    module.__dict__[name] = value  # found before nn.Module.__getattr__ looks in _parameters
+    packed projection). Gradients flow into whatever ``value`` was computed from.
+
+    Overrides of one attribute form a stack, so that overlapping blocks (nested, or in two threads) always
+    end with the attribute as it was before the first one (an attribute already in ``__dict__``, such as a
+    view FSDP keeps there, is put back). Running one model from several threads with different active
+    adapters is not supported: the module has one attribute for all of them."""
+    token = [value]  # identity of this override in the stack
+    with _OVERRIDES_LOCK:
+        overrides = module.__dict__.setdefault(_OVERRIDES_KEY, {})
+        if name not in overrides:
+            overrides[name] = (module.__dict__.get(name, _NOT_SET), [])
+        overrides[name][1].append(token)
+        module.__dict__[name] = value  # found before nn.Module.__getattr__ looks in _parameters
     try:
         yield
     finally:
-        if previous is missing:
-            del module.__dict__[name]
-        else:
-            module.__dict__[name] = previous
+        with _OVERRIDES_LOCK:
+            original, stack = overrides[name]
+            stack[:] = [t for t in stack if t is not token]
+            if stack:
+                module.__dict__[name] = stack[-1][0]
+            else:
+                del overrides[name]
+                if not overrides:
+                    del module.__dict__[_OVERRIDES_KEY]
+                if original is _NOT_SET:
+                    module.__dict__.pop(name, None)
+                else:
+                    module.__dict__[name] = original
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -124,6 +148,9 @@ class AdapterLayer(nn.Module):
         # A quantized base weight as it was before the first merge: unmerging puts it back exactly (a
         # plain list, so that it is not registered as a parameter of this module).
         self._weight_before_merge: list[nn.Parameter] = []
+        # base parameters shared with other modules that a merge replaced by a private copy (see
+        # BaseTuner._untie_merged_weights): put back when the last adapter is unmerged
+        self._untied_originals: list[tuple[str, nn.Parameter]] = []
         # HF PEFT's layers expose their base layer's sizes (methods may set them more precisely)
         self.in_features, self.out_features = layer_features(self.get_base_layer())
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from peftkit.core.checkpoint import (
+    INJECTED_TUNER_ATTR,
     adapter_fingerprint,
     get_peft_model_state_dict,
     load_adapter_weights,
@@ -707,6 +708,16 @@ def inject_adapter_in_model(
         raise ValueError(
             "inject_adapter_in_model(state_dict=...) is not supported by peftkit; set target_modules instead."
         )
+    existing = model.__dict__.get(INJECTED_TUNER_ATTR)
+    if existing is not None:  # a later adapter joins the first one's tuner (HF PEFT's multi-adapter use)
+        existing._check_injected_addition(adapter_name, peft_config)
+        existing.peft_config[adapter_name] = peft_config
+        try:
+            existing.inject_adapter(adapter_name)
+        except BaseException:
+            del existing.peft_config[adapter_name]
+            raise
+        return model
     tuner_cls = _tuner_class_for(model, peft_config, adapter_name)
     if tuner_cls.uses_shared_state:
         raise ValueError(

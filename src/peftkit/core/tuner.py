@@ -248,6 +248,27 @@ class BaseTuner(nn.Module):
         part."""
         return {}
 
+    def _check_injected_addition(self, adapter_name: str, config: PeftConfig) -> None:
+        """For ``inject_adapter_in_model`` on a model that already holds this tuner's adapters: the new one
+        must be of the same method and have a new, valid name."""
+        from peftkit.core.checkpoint import validate_adapter_name
+        from peftkit.core.registry import get_method
+
+        try:
+            same = get_method(str(config.peft_type)).tuner_cls is type(self)
+        except KeyError:
+            same = False
+        if not same:
+            raise ValueError(
+                f"This model already holds {type(self).__name__} adapters {list(self.peft_config)} injected in "
+                f"place; a {config.peft_type} adapter cannot join them. Use get_peft_model for other methods."
+            )
+        validate_adapter_name(
+            adapter_name, self.model, existing=self.peft_config, reserved=self.reserved_names()
+        )
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists; pick a new name.")
+
     def check_new_adapter_config(self, config: PeftConfig) -> None:
         """Refuse an adapter that cannot live beside the ones the model has (``self.peft_config`` already
         holds it), before anything is injected (HF PEFT's ``_check_new_adapter_config``). The default
@@ -672,6 +693,7 @@ class BaseTuner(nn.Module):
                 {n: (p, p.data) for n, p in layer.get_base_layer().named_parameters(recurse=False)},
                 list(layer.merged_adapters),
                 list(layer._weight_before_merge),
+                list(layer._untied_originals),
             )
             for _, layer in self.adapter_layers()
         ]
@@ -687,14 +709,15 @@ class BaseTuner(nn.Module):
                         )
         try:
             self._untie_merged_weights(adapter_names)
-            for layer, _, _, _ in before:
+            for layer, *_ in before:
                 layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
         except BaseException:
-            for layer, tensors, merged, weight_before_merge in before:
+            for layer, tensors, merged, weight_before_merge, untied_originals in before:
                 base = layer.get_base_layer()
                 for name, (param, tensor) in tensors.items():
                     setattr(base, name, param)
                     param.data = tensor
+                layer._untied_originals[:] = untied_originals
                 layer.merged_adapters = merged
                 layer._weight_before_merge[:] = weight_before_merge
             raise
@@ -726,6 +749,7 @@ class BaseTuner(nn.Module):
                     setattr(
                         base, name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
                     )
+                    layer._untied_originals.append((name, param))
                     untied.append(f"{path}.{name}")
         if untied:
             warnings.warn(
@@ -737,6 +761,11 @@ class BaseTuner(nn.Module):
     def unmerge_adapter(self) -> None:
         for _, layer in self.adapter_layers():
             layer.unmerge()
+            if not layer.merged:  # tie again what merging untied (the original tensors were never changed)
+                base = layer.get_base_layer()
+                for name, original in layer._untied_originals:
+                    setattr(base, name, original)
+                layer._untied_originals.clear()
         for selection in self.base_selections.values():
             selection.merged = False
 
