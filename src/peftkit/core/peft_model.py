@@ -709,8 +709,21 @@ def inject_adapter_in_model(
             "inject_adapter_in_model(state_dict=...) is not supported by peftkit; set target_modules instead."
         )
     existing = model.__dict__.get(INJECTED_TUNER_ATTR)
+    if existing is not None and adapter_name in existing.peft_config:
+        raise ValueError(f"An adapter named {adapter_name!r} already exists; pick a new name.")
+    tuner_cls = _tuner_class_for(model, peft_config, adapter_name)
+    if tuner_cls.uses_shared_state:
+        raise ValueError(
+            f"{tuner_cls.__name__} keeps shared state across layers, which a model without the PeftModel "
+            f"around it cannot hold; use get_peft_model instead."
+        )
     if existing is not None:  # a later adapter joins the first one's tuner (HF PEFT's multi-adapter use)
-        existing._check_injected_addition(adapter_name, peft_config)
+        if type(existing) is not tuner_cls:
+            raise ValueError(
+                f"This model already holds {type(existing).__name__} adapters {list(existing.peft_config)} "
+                f"injected in place; a {peft_config.peft_type} adapter cannot join them. Use get_peft_model "
+                f"for other methods."
+            )
         existing.peft_config[adapter_name] = peft_config
         try:
             existing.inject_adapter(adapter_name)
@@ -718,12 +731,6 @@ def inject_adapter_in_model(
             del existing.peft_config[adapter_name]
             raise
         return model
-    tuner_cls = _tuner_class_for(model, peft_config, adapter_name)
-    if tuner_cls.uses_shared_state:
-        raise ValueError(
-            f"{tuner_cls.__name__} keeps shared state across layers, which a model without the PeftModel "
-            f"around it cannot hold; use get_peft_model instead."
-        )
     tuner = tuner_cls(model, {adapter_name: peft_config}, adapter_name)
     record_injected_tuner(model, tuner)  # for get_/set_peft_model_state_dict(model)
     return model

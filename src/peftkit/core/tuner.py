@@ -248,27 +248,6 @@ class BaseTuner(nn.Module):
         part."""
         return {}
 
-    def _check_injected_addition(self, adapter_name: str, config: PeftConfig) -> None:
-        """For ``inject_adapter_in_model`` on a model that already holds this tuner's adapters: the new one
-        must be of the same method and have a new, valid name."""
-        from peftkit.core.checkpoint import validate_adapter_name
-        from peftkit.core.registry import get_method
-
-        try:
-            same = get_method(str(config.peft_type)).tuner_cls is type(self)
-        except KeyError:
-            same = False
-        if not same:
-            raise ValueError(
-                f"This model already holds {type(self).__name__} adapters {list(self.peft_config)} injected in "
-                f"place; a {config.peft_type} adapter cannot join them. Use get_peft_model for other methods."
-            )
-        validate_adapter_name(
-            adapter_name, self.model, existing=self.peft_config, reserved=self.reserved_names()
-        )
-        if adapter_name in self.peft_config:
-            raise ValueError(f"An adapter named {adapter_name!r} already exists; pick a new name.")
-
     def check_new_adapter_config(self, config: PeftConfig) -> None:
         """Refuse an adapter that cannot live beside the ones the model has (``self.peft_config`` already
         holds it), before anything is injected (HF PEFT's ``_check_new_adapter_config``). The default
