@@ -160,7 +160,7 @@ class PeftConfig:
     #: they are dropped silently when they hold that value.
     foreign_defaults: ClassVar[dict[str, Any]] = {}
     #: keys HF PEFT writes for features this config does not implement and that change what the adapter
-    #: computes (``use_qalora``, ``layer_replication``, ...): loading a file that sets one (to anything but
+    #: computes (``use_qalora``, ``trainable_token_indices``, ...): loading a file that sets one (to anything but
     #: "feature unused") is an error naming it, since dropping it would give other outputs.
     unsupported_fields: ClassVar[tuple[str, ...]] = ()
 

@@ -21,7 +21,8 @@ A frozen weight ``W (out × in)`` gets a trainable low-rank update::
 
 In a transformer block LoRA wraps the attention projections (and, with ``"all-linear"``, the MLP).
 Supported layers: ``nn.Linear``, GPT-2's ``Conv1D`` (``fan_in_fan_out``), ``nn.Embedding``, ``nn.Conv1d``,
-``nn.Conv2d``, ``nn.Conv3d`` (grouped ones too, without merging).
+``nn.Conv2d``, ``nn.Conv3d`` (grouped ones too, without merging), ``nn.MultiheadAttention``, and any 2-D or
+3-D parameter named in ``target_parameters`` (mixture-of-experts weights; :class:`ParamWrapper`).
 Parameter names and the checkpoint format are HF PEFT's.
 """
 
