@@ -46,8 +46,9 @@ def llama_for_4bit(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, tie_word_embeddings: bool = False) -> LlamaForCausalLM:
     config = LlamaConfig(
+        tie_word_embeddings=tie_word_embeddings,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -58,6 +59,11 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_llama_tied(seed: int = 0) -> LlamaForCausalLM:
+    """:func:`tiny_llama` whose output head is the input embedding (``tie_word_embeddings=True``)."""
+    return tiny_llama(seed, tie_word_embeddings=True)
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

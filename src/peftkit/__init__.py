@@ -57,6 +57,7 @@ from peftkit.methods.p_tuning import (
 from peftkit.methods.p_tuning_v2 import PTuningV2Config, PTuningV2Model
 from peftkit.methods.prefix_tuning import PrefixTuningConfig, PrefixTuningModel
 from peftkit.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit, PromptTuningModel
+from peftkit.methods.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from peftkit.methods.unipelt import UniPELTConfig, UniPELTModel
 from peftkit.placements.prompt import PromptLearningConfig
 
@@ -116,6 +117,8 @@ __all__ = [
     "PromptTuningInit",
     "PromptTuningModel",
     "TaskType",
+    "TrainableTokensConfig",
+    "TrainableTokensModel",
     "TunerLayerStatus",
     "TunerModelStatus",
     "UniPELTConfig",

@@ -291,3 +291,53 @@ def find_block_list(model: object) -> tuple[object, str]:
         "Could not locate the layers attribute in the model. Expected Llama, Bert or Falcon compatible "
         "architectures (a ModuleList at .layers, .encoder.layer or .h)."
     )
+
+
+# -------------------------------------------------------------------------------- Tied embeddings
+def input_embeddings_name(model: object, default: str | None = None) -> str | None:
+    """The full module name of ``model.get_input_embeddings()`` (HF PEFT's rule), ``default`` when the
+    model has no such method or the embedding is not one of its modules."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if getter is None:
+        return default
+    try:
+        embedding = getter()
+    except (AttributeError, NotImplementedError):
+        return default
+    for name, module in model.named_modules():  # type: ignore[attr-defined]
+        if module is embedding:
+            return name
+    return default
+
+
+def modules_tied_to_input_embeddings(model: object) -> list[str]:
+    """Full names of the modules whose ``weight`` is the input embedding's own parameter (an LM head tied
+    to the embedding), found by identity rather than by name; ``[]`` when the model's config says
+    ``tie_word_embeddings=False`` or nothing shares the weight. Adapter wrappers are looked through (the
+    names are those of the outermost module)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", None) is False:
+        return []
+    embedding_name = input_embeddings_name(model)
+    if embedding_name is None:
+        return []
+
+    def own_weight(module: object) -> object:
+        while hasattr(module, "base_layer"):
+            module = module.base_layer
+        return getattr(module, "weight", None)
+
+    weight = own_weight(model.get_submodule(embedding_name))  # type: ignore[attr-defined]
+    if weight is None:
+        return []
+    tied = []
+    inner: list[str] = []  # modules inside an already found one (its base layer)
+    for name, module in model.named_modules(remove_duplicate=False):  # type: ignore[attr-defined]
+        if not name or name == embedding_name or name.startswith(f"{embedding_name}."):
+            continue
+        if any(name.startswith(f"{outer}.") for outer in inner):
+            continue
+        if own_weight(module) is weight:
+            tied.append(name)
+            inner.append(name)
+    return tied

@@ -260,6 +260,12 @@ def _cases() -> list[CountCase]:
         "ia3-llama", "IA3", tiny_llama, plain(lambda: IA3Config()),
         ia3_llama, ia3_llama, ia3_llama,
     )  # fmt: skip
+    # --- TrainableTokens: 5 rows of the (untied) input embedding, LH wide each
+    case(
+        "trainable-tokens-llama", "TRAINABLE_TOKENS", tiny_llama,
+        plain(lambda: peftkit.TrainableTokensConfig(token_indices=[0, 3, 7, 11, 99])),
+        5 * LH, 5 * LH, 5 * LH,
+    )  # fmt: skip
 
     # --- bottleneck adapters (width H): Houlsby two per layer (attention and feed-forward output), reduction
     # factor 4 → m = 8; Pfeiffer one per layer (feed-forward output) with m = 5; parallel one per layer (reads

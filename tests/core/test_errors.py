@@ -376,7 +376,11 @@ def test_unknown_extra_config_key_loads_with_warning_naming_it(tmp_path: Path) -
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("use_qalora", True), ("alora_invocation_tokens", [3, 4]), ("trainable_token_indices", [0, 1])],
+    [
+        ("use_qalora", True),
+        ("alora_invocation_tokens", [3, 4]),
+        ("use_bdlora", {"target_modules_bd_a": ["q_proj"]}),
+    ],
 )
 def test_config_key_of_an_unimplemented_hf_feature_is_an_error_and_loads_nothing(
     tmp_path: Path, key: str, value: object

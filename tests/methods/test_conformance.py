@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import tiny_bart, tiny_bert_seq_cls, tiny_gpt2, tiny_llama, tiny_t5
+from tiny_models import tiny_bart, tiny_bert_seq_cls, tiny_gpt2, tiny_llama, tiny_llama_tied, tiny_t5
 from torch import nn
 
 import peftkit
@@ -115,6 +115,26 @@ CASES = [
         tiny_llama,
         lambda: LoraConfig(r=4, init_lora_weights="pissa", target_modules=["q_proj", "o_proj"]),
         base_untouched=False,
+    ),
+    Case(
+        "lora-trainable-tokens-tied",
+        "LORA",
+        tiny_llama_tied,
+        lambda: LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[1, 5, 9]),
+        second_config=lambda: LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[2, 6]),
+    ),
+    Case(
+        "trainable-tokens-llama",
+        "TRAINABLE_TOKENS",
+        tiny_llama,
+        lambda: peftkit.TrainableTokensConfig(token_indices=[0, 4, 50]),
+    ),
+    Case(
+        "trainable-tokens-llama-tied",
+        "TRAINABLE_TOKENS",
+        tiny_llama_tied,
+        lambda: peftkit.TrainableTokensConfig(token_indices=[0, 4, 50]),
+        second_config=lambda: peftkit.TrainableTokensConfig(token_indices=[1, 7]),
     ),
 ]
 

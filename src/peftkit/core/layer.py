@@ -174,6 +174,13 @@ class AdapterLayer(nn.Module):
         return bool(self.merged_adapters)
 
     @property
+    def tied_layer(self) -> AdapterLayer | None:
+        """Another layer whose base weight is this layer's own (an output head tied to the embedding) and
+        whose merge already writes this layer's update into it; merging keeps such a weight shared (this
+        layer's :meth:`merge_weight` must then leave it as it is). ``None``: no such layer."""
+        return None
+
+    @property
     def base_is_quantized(self) -> bool:
         """The base weight is a bitsandbytes 4-bit / 8-bit weight (packed integers, not the matrix)."""
         return is_quantized_weight(getattr(self.get_base_layer(), "weight", None))

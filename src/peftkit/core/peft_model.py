@@ -416,9 +416,12 @@ class PeftModel(nn.Module):
 
     def _embedding_base_weights(self, adapter_name: str, save_embedding_layers: bool | str) -> dict[str, Any]:
         if save_embedding_layers == "auto":
-            targets = getattr(self.peft_config[adapter_name], "target_modules", None)
-            save_embedding_layers = isinstance(targets, list) and bool(
-                {"embed_tokens", "lm_head"} & set(targets)
+            config = self.peft_config[adapter_name]
+            targets = getattr(config, "target_modules", None)
+            save_embedding_layers = (
+                isinstance(targets, list)
+                and bool({"embed_tokens", "lm_head"} & set(targets))
+                and self.base_model.auto_saves_embedding_weights(config)
             )
         if not save_embedding_layers:
             return {}

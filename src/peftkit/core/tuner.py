@@ -274,6 +274,12 @@ class BaseTuner(nn.Module):
             f"{type(self).__name__} adapters have no rank to pad; hot-swapping them needs equal shapes."
         )
 
+    def auto_saves_embedding_weights(self, config: PeftConfig) -> bool:
+        """Whether ``save_pretrained(save_embedding_layers="auto")`` stores the base weights of the adapted
+        embeddings beside the adapter (HF PEFT does, for a vocabulary that may have been resized). A method
+        that saves whole trained rows (trainable tokens) needs no base weights and returns ``False``."""
+        return True
+
     @classmethod
     def required_adapters(cls, config: PeftConfig) -> dict[str, str | None]:
         """Adapters that an adapter with ``config`` builds on (AdapterFusion: the adapters it fuses), each with
@@ -717,6 +723,13 @@ class BaseTuner(nn.Module):
         counts: dict[int, int] = {}
         for _, param in self.model.named_parameters(remove_duplicate=False):
             counts[id(param)] = counts.get(id(param), 0) + 1
+        kept_shared: set[int] = set()  # weights of tied layers, which merge into the shared tensor together
+        for _, layer in self.adapter_layers():
+            if layer.tied_layer is not None:
+                own = {id(p) for p in layer.get_base_layer().parameters(recurse=False)}
+                kept_shared |= {
+                    id(p) for p in layer.tied_layer.get_base_layer().parameters(recurse=False) if id(p) in own
+                }
         untied = []
         for path, layer in self.adapter_layers():
             names = self.active_adapters if adapter_names is None else adapter_names
@@ -724,7 +737,11 @@ class BaseTuner(nn.Module):
                 continue
             base = layer.get_base_layer()
             for name, param in list(base.named_parameters(recurse=False)):
-                if counts.get(id(param), 0) > 1 and type(param) is nn.Parameter:
+                if (
+                    counts.get(id(param), 0) > 1
+                    and type(param) is nn.Parameter
+                    and id(param) not in kept_shared
+                ):
                     setattr(
                         base, name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
                     )

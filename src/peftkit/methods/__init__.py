@@ -19,5 +19,6 @@ from peftkit.methods import (  # noqa: F401  # noqa: F401  (built from the metho
     p_tuning_v2,
     prefix_tuning,
     prompt_tuning,
+    trainable_tokens,
     unipelt,
 )

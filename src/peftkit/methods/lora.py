@@ -48,6 +48,12 @@ from peftkit.core.registry import register_method
 from peftkit.core.targeting import check_module_names, per_module_value
 from peftkit.core.tuner import SAVED_PREFIX, BaseTuner
 from peftkit.methods.lora_ops import DoraLinearFunction, LoraLinearFunction
+from peftkit.methods.trainable_tokens import (
+    TokenAdapterLayer,
+    add_token_layer,
+    check_token_indices,
+    token_targets,
+)
 
 InitKind = bool | Literal["gaussian", "pissa", "olora"] | str
 
@@ -81,6 +87,13 @@ class LoraConfig(PeftConfig):
             blocks sharing their base weights (each gets its own adapter): ``[[0, 4], [2, 5]]`` makes blocks
             ``0 1 2 3 2 3 4`` (HF PEFT's option, as in LLaMA-Pro style expansion). Done once, by the first
             adapter; it stays after unloading.
+        trainable_token_indices: also train these rows of the input embedding (a list of token ids), or of
+            the named embeddings (``{"embed_tokens": [0, 1]}``), as HF PEFT's TrainableTokens does (see
+            :mod:`peftkit.methods.trainable_tokens`); an output head tied to the embedding follows them.
+        ensure_weight_tying: on a model whose output head is tied to the input embedding, keep the adapter
+            tied too: a ``modules_to_save`` copy of the embedding is also the head's, and a LoRA on the
+            embedding (or on the head) is one LoRA for both. Without it such an adapter unties them (a
+            warning says so), as in HF PEFT.
     """
 
     r: int = 8
@@ -101,20 +114,20 @@ class LoraConfig(PeftConfig):
     lora_bias: bool = False
     target_parameters: list[str] | None = None
     layer_replication: list[list[int]] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    ensure_weight_tying: bool = False
 
     foreign_defaults: ClassVar[dict[str, Any]] = {"megatron_core": "megatron.core", "qalora_group_size": 16}
     # HF PEFT options that change the layers or the forward (init-time-only options such as loftq_config or
     # eva_config are not here: a trained adapter's file already holds their effect)
     unsupported_fields: ClassVar[tuple[str, ...]] = (
         "megatron_config",
-        "trainable_token_indices",
         "alora_invocation_tokens",
         "use_qalora",
         "monteclora_config",
         "use_bdlora",
         "arrow_config",
         "kasa_config",
-        "ensure_weight_tying",
     )
 
     def __post_init__(self) -> None:
@@ -181,6 +194,12 @@ class LoraConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern only applies together with layers_to_transform; set both.")
         check_module_names("target_modules", self.target_modules)
+        tokens = self.trainable_token_indices
+        if isinstance(tokens, dict):
+            for key, indices in tokens.items():
+                check_token_indices(f"trainable_token_indices[{key!r}]", indices)
+        elif tokens is not None:
+            check_token_indices("trainable_token_indices", tokens)
 
 
 def _check_positive(name: str, value: Any, integer: bool = False) -> None:
@@ -1144,7 +1163,25 @@ class LoraModel(BaseTuner):
             raise
 
     def target_names(self, config: PeftConfig, modules_to_save: Sequence[str]) -> list[str]:
+        """The LoRA targets, then the embeddings of ``trainable_token_indices`` (and heads tied to them)."""
         assert isinstance(config, LoraConfig)
+        names = self._lora_target_names(config, modules_to_save)
+        self._token_plan: dict[str, tuple[list[int], str | None]] = {}
+        if config.trainable_token_indices is None:
+            return names
+        plan = token_targets(
+            self.model, config.trainable_token_indices, config.modules_to_save, config.ensure_weight_tying
+        )
+        clash = [name for name, _, _ in plan if name in names]
+        if clash:
+            raise ValueError(
+                f"{clash} are both LoRA targets and trainable_token_indices targets; train an embedding's tokens "
+                f"one way only (drop it from target_modules, or from trainable_token_indices)."
+            )
+        self._token_plan = {name: (ids, tied_to) for name, ids, tied_to in plan}
+        return names + list(self._token_plan)
+
+    def _lora_target_names(self, config: LoraConfig, modules_to_save: Sequence[str]) -> list[str]:
         if not config.target_parameters:
             return super().target_names(config, modules_to_save)
         if not config.target_modules:  # only parameters are targeted (HF PEFT: None means none here)
@@ -1243,6 +1280,11 @@ class LoraModel(BaseTuner):
         self, target: nn.Module, target_name: str, config: PeftConfig, adapter_name: str
     ) -> nn.Module | None:
         assert isinstance(config, LoraConfig)
+        if target_name in self.__dict__.get("_token_plan", {}):
+            ids, tied_to = self._token_plan[target_name]
+            return add_token_layer(
+                self.model, target_name, adapter_name, ids, True, TokenAdapterLayer, tied_to
+            )
         r = per_module_value(target_name, config.rank_pattern, config.r)
         alpha = per_module_value(target_name, config.alpha_pattern, config.lora_alpha)
         if isinstance(target, LoraLayer):
@@ -1255,6 +1297,9 @@ class LoraModel(BaseTuner):
 
     def extra_adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
         return bias_parameters(self, adapter_name, LoraLayer)
+
+    def auto_saves_embedding_weights(self, config: PeftConfig) -> bool:
+        return getattr(config, "trainable_token_indices", None) is None  # HF PEFT's rule
 
     # ------------------------------------------------------------------------------- hot-swapping
     # The rank dimension of each factor, by the end of its on-disk key: A is (r, in...), B is (out, r...).
