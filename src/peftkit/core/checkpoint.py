@@ -130,7 +130,7 @@ def set_peft_model_state_dict(
     tuner, prefix = _adapted(model)
     state_dict = {prefix + key: value for key, value in state_dict.items()}
     expected = tuner.adapter_load_targets(adapter_name)
-    own = {prefix + k: v for k, v in model.named_parameters()}
+    own = {prefix + k: v for k, v in model.named_parameters(remove_duplicate=False)}  # tied: each name
     own.update({prefix + k: v for k, v in model.named_buffers() if prefix + k not in own})
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(k for k in state_dict if k not in expected and k not in own)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.architectures import input_embeddings_name, modules_tied_to_input_embeddings
 from peftkit.core.config import PeftConfig
 from peftkit.core.layer import BASE_ADAPTER_NAME, SAVED_PREFIX, AdapterLayer, ModulesToSaveWrapper
 from peftkit.core.quantization import (
@@ -409,7 +410,13 @@ class BaseTuner(nn.Module):
         patterns = requested + [d for d in self.default_modules_to_save if d not in requested]
         if not patterns:
             return
-        found: set[str] = set()
+        tied_copies = self._tied_modules_to_save(config, patterns)
+        if tied_copies:
+            embedding = next(iter(tied_copies.values()))
+            patterns = [p for p in patterns if not any(name_matches(t, [p]) for t in tied_copies)]
+            patterns.append(embedding)
+        # a requested head that is tied is saved through the embedding's copy
+        found = {p for p in requested if any(name_matches(t, [p]) for t in tied_copies)}
         wrapped_ids = {id(m.original_module) for _, m in self.save_wrappers()}
         for name, module in list(self.model.named_modules()):
             if not name or id(module) in wrapped_ids:
@@ -431,6 +438,8 @@ class BaseTuner(nn.Module):
             if hit and adapter_name not in wrapper.modules_to_save:
                 wrapper.add_adapter(adapter_name)
             found.update(hit)
+        for name, embedding in tied_copies.items():
+            self._tie_saved_copy(name, embedding, adapter_name)
         # HF PEFT writes every task default head name (e.g. "classifier" and "score"); those may be absent
         missing = [p for p in requested if p not in found and p not in self.default_modules_to_save]
         if missing:
@@ -438,6 +447,46 @@ class BaseTuner(nn.Module):
                 f"modules_to_save entries {missing} match no module of the model. Use module names as "
                 f"printed by model.named_modules() (a dotted suffix such as 'classifier' matches)."
             )
+
+    def _tied_modules_to_save(self, config: PeftConfig, patterns: Sequence[str]) -> dict[str, str]:
+        """HF PEFT's ``ensure_weight_tying`` for ``modules_to_save``: when the model ties its output head to
+        the input embedding and either of them is to be saved, the head's trained copy is the embedding's
+        (``{head name: embedding name}``). Without the option (a config that has it), a warning says that the
+        copy unties them, as HF PEFT's does."""
+        tied = modules_tied_to_input_embeddings(self.model)
+        embedding = input_embeddings_name(self.model)
+        if not tied or embedding is None:
+            if getattr(config, "ensure_weight_tying", False):
+                warnings.warn(
+                    "You have requested `ensure_weight_tying`, but no tied modules were found in the model",
+                    stacklevel=4,
+                )  # HF PEFT's words
+            return {}
+        involved = [n for n in (embedding, *tied) if any(name_matches(n, [p]) for p in patterns)]
+        if not involved:
+            return {}
+        if not getattr(config, "ensure_weight_tying", False):
+            if hasattr(config, "ensure_weight_tying"):
+                warnings.warn(
+                    "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but "
+                    "`ensure_weight_tying` is not set to True. This can lead to complications, for example when "
+                    "merging the adapter or converting your model to formats other than safetensors.",
+                    stacklevel=4,
+                )  # HF PEFT's words
+            return {}
+        return dict.fromkeys(tied, embedding)
+
+    def _tie_saved_copy(self, name: str, embedding: str, adapter_name: str) -> None:
+        """Wrap the head ``name`` so that its copy for ``adapter_name`` holds the embedding copy's weight."""
+        source = self.model.get_submodule(embedding)
+        assert isinstance(source, ModulesToSaveWrapper)
+        parent, child_name, module = split_module_name(self.model, name)
+        wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+        if wrapper is not module:
+            setattr(parent, child_name, wrapper)
+        if adapter_name not in wrapper.modules_to_save:
+            wrapper.add_adapter(adapter_name)
+        wrapper.modules_to_save[adapter_name].weight = source.modules_to_save[adapter_name].weight
 
     # ---------------------------------------------------------------------- activity & training
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:

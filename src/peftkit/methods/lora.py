@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.architectures import find_block_list
+from peftkit.architectures import find_block_list, input_embeddings_name, modules_tied_to_input_embeddings
 from peftkit.core.checkpoint import validate_adapter_name
 from peftkit.core.config import PeftConfig, PeftType
 from peftkit.core.layer import AdapterLayer, adapter_dtype, linear_fan_in_fan_out, parameter_override
@@ -264,6 +264,36 @@ class LoraLayer(AdapterLayer):
         self._dora_norm_at_merge: dict[str, torch.Tensor] = {}
         # Linear's stacked factors for mixed-adapter batches: (key, factor versions, stacks)
         self._stack_cache: tuple | None = None
+        # ensure_weight_tying: the embedding layer whose factors this head's adapters share (a list: not a
+        # submodule), and which adapters do
+        self._tied_to: list[LoraLayer] = []
+        self._tied_adapters: set[str] = set()
+
+    @property
+    def tied_layer(self) -> AdapterLayer | None:
+        return self._tied_to[0] if self._tied_to else None
+
+    def tie_factors(self, adapter_name: str, embedding: nn.Module) -> None:
+        """Make this head's factors for ``adapter_name`` the tied embedding's, transposed (the same tensors:
+        ``A = B_embᵀ``, ``B = A_embᵀ``, as HF PEFT's ``ensure_weight_tying``)."""
+        if not isinstance(self, Linear) or not isinstance(embedding, Embedding):
+            raise ValueError(
+                f"ensure_weight_tying ties a linear head to an embedding; got {type(self).__name__} and "
+                f"{type(embedding).__name__}."
+            )
+        emb_A, emb_B = embedding.lora_embedding_A[adapter_name], embedding.lora_embedding_B[adapter_name]
+        self.lora_A[adapter_name].weight = nn.Parameter(emb_B.detach().t())
+        self.lora_B[adapter_name].weight = nn.Parameter(emb_A.detach().t())
+        self._tied_to[:] = [embedding]
+        self._tied_adapters.add(adapter_name)
+
+    def _merges_through_tie(self, adapter_name: str) -> bool:
+        tied = self.tied_layer
+        return (
+            adapter_name in self._tied_adapters
+            and tied is not None
+            and tied.get_base_layer().weight is self.get_base_layer().weight
+        )
 
     def update_layer(
         self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig, target_name: str
@@ -353,6 +383,8 @@ class LoraLayer(AdapterLayer):
             raise RuntimeError(
                 "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias."
             )
+        if self._merges_through_tie(adapter_name):
+            return weight  # the tied embedding's merge writes the shared weight
         if not self.use_dora[adapter_name]:
             return super().merge_weight(weight, adapter_name)
         delta = self.delta_weight(adapter_name).detach()
@@ -363,6 +395,8 @@ class LoraLayer(AdapterLayer):
         return (factor * (weight + delta)).to(weight.dtype)
 
     def unmerge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if self._merges_through_tie(adapter_name):
+            return weight
         if not self.use_dora[adapter_name]:
             return super().unmerge_weight(weight, adapter_name)
         unmerged = self._dora_unmerged(weight, adapter_name)
@@ -641,6 +675,9 @@ class Linear(LoraLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         self._stack_cache = None  # release the deleted adapter's factors
         super().delete_adapter(adapter_name)
+        self._tied_adapters.discard(adapter_name)
+        if not self._tied_adapters:
+            self._tied_to.clear()
 
     def _stacked_factors(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``A`` and ``(s·B)ᵀ`` of ``names`` stacked and zero-padded to the largest rank, plus a zero slot:
@@ -1165,7 +1202,7 @@ class LoraModel(BaseTuner):
     def target_names(self, config: PeftConfig, modules_to_save: Sequence[str]) -> list[str]:
         """The LoRA targets, then the embeddings of ``trainable_token_indices`` (and heads tied to them)."""
         assert isinstance(config, LoraConfig)
-        names = self._lora_target_names(config, modules_to_save)
+        names = self._tied_lora_targets(config, self._lora_target_names(config, modules_to_save))
         self._token_plan: dict[str, tuple[list[int], str | None]] = {}
         if config.trainable_token_indices is None:
             return names
@@ -1180,6 +1217,38 @@ class LoraModel(BaseTuner):
             )
         self._token_plan = {name: (ids, tied_to) for name, ids, tied_to in plan}
         return names + list(self._token_plan)
+
+    def _tied_lora_targets(self, config: LoraConfig, names: list[str]) -> list[str]:
+        """``ensure_weight_tying`` with the embedding or its tied head among the targets: both get LoRA, the
+        head's factors being the embedding's transposed (``A_head = B_embᵀ``, ``B_head = A_embᵀ``: the same
+        update, as HF PEFT ties them); the heads come last so that the embedding's layer exists first."""
+        self._lora_tied: dict[str, str] = {}
+        tied = modules_tied_to_input_embeddings(self.model)
+        embedding = input_embeddings_name(self.model)
+        involved = bool(tied) and embedding is not None and any(n in names for n in (embedding, *tied))
+        if not config.ensure_weight_tying:
+            if involved:
+                warnings.warn(
+                    "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but "
+                    "`ensure_weight_tying` is not set to True. This can lead to complications, for example when "
+                    "merging the adapter or converting your model to formats other than safetensors.",
+                    stacklevel=4,
+                )  # HF PEFT's words
+            return names
+        if not tied and not config.modules_to_save:
+            warnings.warn(
+                "You have requested `ensure_weight_tying`, but no tied modules were found in the model",
+                stacklevel=4,
+            )  # HF PEFT's words
+        if not involved:
+            return names
+        if config.use_dora:
+            raise ValueError(
+                "ensure_weight_tying ties LoRA factors of the embedding and its head; not with DoRA."
+            )
+        assert embedding is not None
+        self._lora_tied = dict.fromkeys(tied, embedding)
+        return [n for n in names if n not in tied and n != embedding] + [embedding, *tied]
 
     def _lora_target_names(self, config: LoraConfig, modules_to_save: Sequence[str]) -> list[str]:
         if not config.target_parameters:
@@ -1285,14 +1354,20 @@ class LoraModel(BaseTuner):
             return add_token_layer(
                 self.model, target_name, adapter_name, ids, True, TokenAdapterLayer, tied_to
             )
-        r = per_module_value(target_name, config.rank_pattern, config.r)
-        alpha = per_module_value(target_name, config.alpha_pattern, config.lora_alpha)
+        tied_to = self.__dict__.get("_lora_tied", {}).get(target_name)
+        rank_of = tied_to or target_name  # a tied head takes the embedding's rank and scale
+        r = per_module_value(rank_of, config.rank_pattern, config.r)
+        alpha = per_module_value(rank_of, config.alpha_pattern, config.lora_alpha)
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, r, alpha, config, target_name)
-            return None
-        base = target.get_base_layer() if isinstance(target, AdapterLayer) else target
-        new_module = _new_lora_layer(base, target, target_name, config)
-        new_module.update_layer(adapter_name, r, alpha, config, target_name)
+            new_module = None
+            layer = target
+        else:
+            base = target.get_base_layer() if isinstance(target, AdapterLayer) else target
+            new_module = layer = _new_lora_layer(base, target, target_name, config)
+            new_module.update_layer(adapter_name, r, alpha, config, target_name)
+        if tied_to is not None:
+            layer.tie_factors(adapter_name, self.model.get_submodule(tied_to))
         return new_module
 
     def extra_adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:

@@ -1,0 +1,117 @@
+"""LoRA's ``ensure_weight_tying`` on a model whose head is tied to its input embedding, against HF PEFT: a
+``modules_to_save`` copy of the embedding is the head's too, and LoRA on the embedding or the head is one
+update for both (the head's factors are the embedding's, transposed)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import tiny_llama, tiny_llama_tied
+
+import peftkit
+
+peft = pytest.importorskip("peft")
+
+IDS = torch.tensor([[1, 5, 9, 2, 50, 0, 7], [3, 9, 9, 1, 4, 6, 99]])
+LIBS = {"peft": peft, "peftkit": peftkit}
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                param.copy_(torch.randn_like(param) * 0.1)
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+SETTINGS = {
+    "save-embedding": {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"]},
+    "save-head": {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+    "lora-embedding": {"target_modules": ["q_proj", "embed_tokens"]},
+    "lora-head": {"target_modules": ["q_proj", "lm_head"]},
+    "lora-both": {"target_modules": ["q_proj", "embed_tokens", "lm_head"]},
+}
+
+
+def _model(lib: object, setting: str) -> torch.nn.Module:
+    config = lib.LoraConfig(r=4, ensure_weight_tying=True, **SETTINGS[setting])  # type: ignore[attr-defined]
+    return lib.get_peft_model(tiny_llama_tied(0), config)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_tied_adapters_equal_hf_peft_both_ways(setting: str, tmp_path: Path) -> None:
+    outputs = {}
+    for name, lib in LIBS.items():
+        model = _model(lib, setting)
+        _randomize(model)
+        base = model.base_model.model
+        # the head still computes with the embedding's (trained) weight and update
+        assert sorted(
+            n for n, p in model.named_parameters() if p.requires_grad and "q_proj" not in n
+        ) == sorted(
+            n for n, p in _model(peft, setting).named_parameters() if p.requires_grad and "q_proj" not in n
+        )
+        if "save" in setting:
+            assert base.lm_head.weight is base.model.embed_tokens.weight
+        model.save_pretrained(tmp_path / name)
+        outputs[name] = _logits(model)
+    torch.testing.assert_close(outputs["peftkit"], outputs["peft"], atol=1e-5, rtol=1e-5)
+    for writer in LIBS:
+        for reader in LIBS.values():
+            loaded = reader.PeftModel.from_pretrained(tiny_llama_tied(0), tmp_path / writer)
+            torch.testing.assert_close(_logits(loaded), outputs[writer], atol=1e-5, rtol=1e-5)
+    saved = {n: set(load_file(tmp_path / n / "adapter_model.safetensors")) for n in LIBS}
+    if setting != "lora-head":  # HF PEFT leaves the base embedding weights out of that one file
+        assert saved["peft"] == saved["peftkit"]
+
+
+@pytest.mark.parametrize("setting", ["save-embedding", "lora-embedding"])
+def test_one_training_step_has_hf_peft_gradients(setting: str) -> None:
+    grads = {}
+    for name, lib in LIBS.items():
+        model = _model(lib, setting)
+        _randomize(model)
+        model.train()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["peft"].keys() == grads["peftkit"].keys()
+    for key, grad in grads["peft"].items():
+        torch.testing.assert_close(grads["peftkit"][key], grad, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_merging_a_tied_lora_keeps_one_weight_and_the_outputs() -> None:
+    model = _model(peftkit, "lora-both")
+    _randomize(model)
+    expected = _logits(model)
+    original = tiny_llama_tied(0).model.embed_tokens.weight
+    merged = copy.deepcopy(model)
+    merged.merge_adapter()
+    torch.testing.assert_close(_logits(merged), expected, atol=1e-5, rtol=1e-5)
+    merged.unmerge_adapter()
+    torch.testing.assert_close(merged.base_model.model.model.embed_tokens.weight, original)
+    unloaded = copy.deepcopy(model).merge_and_unload()
+    assert unloaded.lm_head.weight is unloaded.model.embed_tokens.weight
+    torch.testing.assert_close(_logits(unloaded), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_without_the_option_a_warning_says_the_adapter_unties_the_head() -> None:
+    for setting in ("save-embedding", "lora-embedding"):
+        with pytest.warns(UserWarning, match="ensure_weight_tying` is not set to True"):
+            peftkit.get_peft_model(tiny_llama_tied(0), peftkit.LoraConfig(r=4, **SETTINGS[setting]))
+    with pytest.warns(UserWarning, match="no tied modules were found"):
+        peftkit.get_peft_model(
+            tiny_llama(0), peftkit.LoraConfig(r=4, target_modules=["q_proj"], ensure_weight_tying=True)
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an untied model with an embedding in the adapter: nothing to say
+        peftkit.get_peft_model(tiny_llama(0), peftkit.LoraConfig(r=4, **SETTINGS["lora-embedding"]))
