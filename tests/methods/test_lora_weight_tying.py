@@ -115,3 +115,42 @@ def test_without_the_option_a_warning_says_the_adapter_unties_the_head() -> None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an untied model with an embedding in the adapter: nothing to say
         peftkit.get_peft_model(tiny_llama(0), peftkit.LoraConfig(r=4, **SETTINGS["lora-embedding"]))
+
+
+def test_encoder_decoder_shared_embedding(tmp_path: Path) -> None:
+    """BART ties the encoder's and decoder's embeddings and the head to ``shared``: the head shares the LoRA
+    of ``shared``; the stacks' embeddings get LoRA of their own (as in HF PEFT), so merging gives them their own
+    copies of the weight. HF PEFT's file loads here with HF PEFT's outputs before saving."""
+    from tiny_models import tiny_bart
+
+    vocab = tiny_bart(0).config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "input_ids": torch.randint(0, vocab, (2, 6), generator=generator),
+        "decoder_input_ids": torch.randint(0, vocab, (2, 5), generator=generator),
+    }
+
+    def out(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(**inputs).logits
+
+    expected = {}
+    for name, lib in LIBS.items():
+        config = lib.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True)
+        model = lib.get_peft_model(tiny_bart(0), config)
+        _randomize(model)
+        model.save_pretrained(tmp_path / name)
+        expected[name] = out(model)
+        if lib is peftkit:
+            base = model.base_model.model
+            head, shared = base.lm_head, base.model.shared
+            assert head.lora_A["default"].weight.data_ptr() == shared.lora_embedding_B["default"].data_ptr()
+            assert head.lora_B["default"].weight.data_ptr() == shared.lora_embedding_A["default"].data_ptr()
+            merged = copy.deepcopy(model).merge_and_unload()
+            torch.testing.assert_close(out(merged), expected[name], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(expected["peftkit"], expected["peft"], atol=1e-5, rtol=1e-5)
+    for writer in LIBS:
+        loaded = peftkit.PeftModel.from_pretrained(tiny_bart(0), tmp_path / writer)
+        torch.testing.assert_close(out(loaded), expected[writer], atol=1e-5, rtol=1e-5)
+    loaded = peft.PeftModel.from_pretrained(tiny_bart(0), tmp_path / "peftkit")
+    torch.testing.assert_close(out(loaded), expected["peftkit"], atol=1e-5, rtol=1e-5)

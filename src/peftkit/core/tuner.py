@@ -772,13 +772,16 @@ class BaseTuner(nn.Module):
         counts: dict[int, int] = {}
         for _, param in self.model.named_parameters(remove_duplicate=False):
             counts[id(param)] = counts.get(id(param), 0) + 1
-        kept_shared: set[int] = set()  # weights of tied layers, which merge into the shared tensor together
+        # a weight held only by a layer and the layers tied to it stays shared: they merge into it together
+        tie_groups: dict[int, set[int]] = {}
         for _, layer in self.adapter_layers():
-            if layer.tied_layer is not None:
+            owner = layer.tied_layer
+            if owner is not None:
                 own = {id(p) for p in layer.get_base_layer().parameters(recurse=False)}
-                kept_shared |= {
-                    id(p) for p in layer.tied_layer.get_base_layer().parameters(recurse=False) if id(p) in own
-                }
+                for param in owner.get_base_layer().parameters(recurse=False):
+                    if id(param) in own:
+                        tie_groups.setdefault(id(param), {id(owner)}).add(id(layer))
+        kept_shared = {pid for pid, members in tie_groups.items() if len(members) == counts.get(pid, 0)}
         untied = []
         for path, layer in self.adapter_layers():
             names = self.active_adapters if adapter_names is None else adapter_names

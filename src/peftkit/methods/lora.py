@@ -45,7 +45,7 @@ from peftkit.core.config import PeftConfig, PeftType
 from peftkit.core.layer import AdapterLayer, adapter_dtype, linear_fan_in_fan_out, parameter_override
 from peftkit.core.merge import SPARSIFYING, combine_cat, combine_linear, combine_svd, combine_tensors
 from peftkit.core.registry import register_method
-from peftkit.core.targeting import check_module_names, per_module_value
+from peftkit.core.targeting import check_module_names, name_matches, per_module_value
 from peftkit.core.tuner import SAVED_PREFIX, BaseTuner
 from peftkit.methods.lora_ops import DoraLinearFunction, LoraLinearFunction
 from peftkit.methods.trainable_tokens import (
@@ -1225,7 +1225,13 @@ class LoraModel(BaseTuner):
         self._lora_tied: dict[str, str] = {}
         tied = modules_tied_to_input_embeddings(self.model)
         embedding = input_embeddings_name(self.model)
-        involved = bool(tied) and embedding is not None and any(n in names for n in (embedding, *tied))
+        # as HF PEFT: only targets named in the config count ("all-linear" reaching the head does not)
+        involved = (
+            bool(tied)
+            and embedding is not None
+            and config.target_modules != "all-linear"
+            and any(n in names for n in (embedding, *tied))
+        )
         if not config.ensure_weight_tying:
             if involved:
                 warnings.warn(
@@ -1241,13 +1247,27 @@ class LoraModel(BaseTuner):
                 stacklevel=4,
             )  # HF PEFT's words
         if not involved:
+            saved = [
+                p
+                for p in config.modules_to_save or ()
+                if any(name_matches(n, [p]) for n in (embedding, *tied))
+            ]
+            if tied and not saved:
+                warnings.warn(
+                    "You have requested `ensure_weight_tying`, but no tied modules are added in either "
+                    "`modules_to_save` or `target_modules`",
+                    stacklevel=4,
+                )  # HF PEFT's words
             return names
         if config.use_dora:
             raise ValueError(
                 "ensure_weight_tying ties LoRA factors of the embedding and its head; not with DoRA."
             )
         assert embedding is not None
-        self._lora_tied = dict.fromkeys(tied, embedding)
+        # heads share the embedding's factors; embeddings tied to it (an encoder-decoder's stacks) get LoRA of
+        # their own, as in HF PEFT (merging then gives each its own copy of the shared weight)
+        heads = [n for n in tied if not isinstance(_unwrapped(self.model.get_submodule(n)), nn.Embedding)]
+        self._lora_tied = dict.fromkeys(heads, embedding)
         return [n for n in names if n not in tied and n != embedding] + [embedding, *tied]
 
     def _lora_target_names(self, config: LoraConfig, modules_to_save: Sequence[str]) -> list[str]:
@@ -1654,6 +1674,10 @@ _COMBINATIONS = (
     *SPARSIFYING,
     *(f"{kind}_svd" for kind in SPARSIFYING),
 )
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, AdapterLayer) else module
 
 
 def _new_lora_layer(base: nn.Module, target: nn.Module, target_name: str, config: LoraConfig) -> LoraLayer:
