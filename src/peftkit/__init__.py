@@ -42,7 +42,7 @@ from peftkit.methods.combined import CombinedConfig, CombinedModel
 from peftkit.methods.freeze import FreezeConfig, FreezeModel, HeadOnlyConfig
 from peftkit.methods.fusion import AdapterFusionConfig
 from peftkit.methods.ia3 import IA3Config, IA3Model
-from peftkit.methods.lora import LoraConfig, LoraModel
+from peftkit.methods.lora import LoftQConfig, LoraConfig, LoraModel, replace_lora_weights_loftq
 from peftkit.methods.mam import MAMConfig
 from peftkit.methods.multitask_prompt_tuning import (
     MultitaskPromptTuningConfig,
@@ -88,6 +88,7 @@ __all__ = [
     "HeadOnlyConfig",
     "IA3Config",
     "IA3Model",
+    "LoftQConfig",
     "LoraConfig",
     "LoraModel",
     "MAMConfig",
@@ -136,6 +137,7 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "register_method",
     "registered_methods",
+    "replace_lora_weights_loftq",
     "set_base_model_state_dict",
     "set_peft_model_state_dict",
 ]

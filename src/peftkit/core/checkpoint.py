@@ -14,6 +14,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -292,11 +293,26 @@ class _AllocationBudget(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+_LOADING_SAVED: ContextVar[bool] = ContextVar("loading_saved_adapter", default=False)
+
+
+def loading_saved_adapter() -> bool:
+    """True while an adapter is being built to receive saved tensors (``from_pretrained`` / ``load_adapter``):
+    its initial values will be overwritten, so an initialisation that only fills the adapter's own tensors
+    from data it cannot see here (LoftQ on an already quantized base) may be skipped."""
+    return _LOADING_SAVED.get()
+
+
 @contextlib.contextmanager
 def sized_by(weights: Mapping[str, torch.Tensor], source: str) -> Iterator[None]:
     """Building an adapter inside this context may allocate at most about twice the elements that its
     saved ``weights`` hold: a config read from an untrusted folder (``r: 100000000``) is refused with
-    :class:`AdapterTooLargeError` before the memory is taken, not after the machine runs out of it."""
+    :class:`AdapterTooLargeError` before the memory is taken, not after the machine runs out of it. Inside it,
+    :func:`loading_saved_adapter` is true."""
     held = sum(t.numel() for t in weights.values())
-    with _AllocationBudget(2 * held + ALLOCATION_SLACK, source):
-        yield
+    token = _LOADING_SAVED.set(True)
+    try:
+        with _AllocationBudget(2 * held + ALLOCATION_SLACK, source):
+            yield
+    finally:
+        _LOADING_SAVED.reset(token)

@@ -29,7 +29,10 @@ Parameter names and the checkpoint format are HF PEFT's.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.architectures import find_block_list, input_embeddings_name, modules_tied_to_input_embeddings
-from peftkit.core.checkpoint import validate_adapter_name
+from peftkit.core.checkpoint import loading_saved_adapter, validate_adapter_name
 from peftkit.core.config import PeftConfig, PeftType
 from peftkit.core.layer import AdapterLayer, adapter_dtype, linear_fan_in_fan_out, parameter_override
 from peftkit.core.merge import SPARSIFYING, combine_cat, combine_linear, combine_svd, combine_tensors
@@ -59,6 +62,20 @@ InitKind = bool | Literal["gaussian", "pissa", "olora"] | str
 
 
 @dataclass
+class LoftQConfig:
+    """LoftQ's settings (HF PEFT's ``LoftQConfig``), for ``LoraConfig(init_lora_weights="loftq",
+    loftq_config=LoftQConfig(...))``.
+
+    Args:
+        loftq_bits: 4 (NF4) or 8 (int8, per row), the precision the base will be loaded in.
+        loftq_iter: alternating steps (quantize the residual, refit the low-rank part).
+    """
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+
+@dataclass
 class LoraConfig(PeftConfig):
     """LoRA settings; field names and defaults are HF PEFT's ``LoraConfig``.
 
@@ -74,7 +91,9 @@ class LoraConfig(PeftConfig):
         use_rslora: rank-stabilised scaling ``α / √r``.
         modules_to_save: modules (e.g. a new head) trained in full and saved with the adapter.
         init_lora_weights: ``True`` (Kaiming-uniform A, zero B), ``"gaussian"`` (A ~ N(0, 1/r²)),
-            ``False`` (random B: not a no-op, for tests), ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``.
+            ``False`` (random B: not a no-op, for tests), ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``,
+            ``"orthogonal"``, ``"loftq"`` (with ``loftq_config``; see :func:`loftq_decomposition`).
+        loftq_config: LoftQ's settings as a dict or :class:`LoftQConfig` (``init_lora_weights="loftq"``).
         layers_to_transform / layers_pattern: restrict to these layer indices.
         rank_pattern / alpha_pattern: per-module ``r`` / ``lora_alpha`` keyed by regex suffix.
         use_dora: weight-decomposed LoRA (every supported layer type).
@@ -116,6 +135,7 @@ class LoraConfig(PeftConfig):
     layer_replication: list[list[int]] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     ensure_weight_tying: bool = False
+    loftq_config: dict[str, int] = field(default_factory=dict)
 
     foreign_defaults: ClassVar[dict[str, Any]] = {"megatron_core": "megatron.core", "qalora_group_size": 16}
     # HF PEFT options that change the layers or the forward (init-time-only options such as loftq_config or
@@ -132,6 +152,13 @@ class LoraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         self.peft_type = PeftType.LORA
+        if isinstance(self.loftq_config, LoftQConfig):  # HF PEFT stores the sub-config as a dict
+            self.loftq_config = dataclasses.asdict(self.loftq_config)
+        if self.loftq_config and _init_kind(self.init_lora_weights) != "loftq":
+            warnings.warn(  # HF PEFT's words (it then drops the setting; here the config stays as written)
+                "`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.",
+                stacklevel=3,
+            )
         super().__post_init__()
 
     def validate(self) -> None:
@@ -177,13 +204,26 @@ class LoraConfig(PeftConfig):
         init = _init_kind(self.init_lora_weights)
         if not (
             isinstance(init, bool)
-            or init in ("gaussian", "pissa", "olora", "orthogonal")
+            or init in ("gaussian", "pissa", "olora", "orthogonal", "loftq")
             or _pissa_niter(init) is not None
         ):
             raise ValueError(
                 f"init_lora_weights={init!r} is not supported; use True, False, 'gaussian', 'pissa', "
-                f"'pissa_niter_K', 'olora' or 'orthogonal'."
+                f"'pissa_niter_K', 'olora', 'orthogonal' or 'loftq'."
             )
+        if init == "loftq":
+            if not self.loftq_config:
+                raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
+            settings = {**dataclasses.asdict(LoftQConfig()), **self.loftq_config}
+            unknown = sorted(set(settings) - {"loftq_bits", "loftq_iter"})
+            if (
+                unknown
+                or settings["loftq_bits"] not in (4, 8)
+                or not (isinstance(settings["loftq_iter"], int) and settings["loftq_iter"] >= 1)
+            ):
+                raise ValueError(
+                    f"loftq_config={self.loftq_config!r}: give loftq_bits 4 or 8 and loftq_iter >= 1 (no other keys)."
+                )
         if isinstance(self.target_modules, str):
             for option in ("layers_to_transform", "layers_pattern"):
                 if getattr(self, option) is not None and getattr(self, option) != []:
@@ -314,13 +354,24 @@ class LoraLayer(AdapterLayer):
                 f"has no bias. This means that merging LoRA weights won't be possible.",
                 stacklevel=2,
             )
-        self.init_factors(adapter_name, _init_kind(config.init_lora_weights), target_name)
+        init = _init_kind(config.init_lora_weights)
+        if init == "loftq":
+            self.loftq_init(adapter_name, config.loftq_config, target_name)
+        else:
+            self.init_factors(adapter_name, init, target_name)
         if config.use_dora:
             self.create_dora_magnitude(adapter_name)
 
     # Each layer type fills these in.
     def create_factors(self, adapter_name: str, r: int) -> None:
         raise NotImplementedError
+
+    def loftq_init(self, adapter_name: str, settings: dict[str, int], target_name: str) -> None:
+        """LoftQ's initialisation (``Linear`` implements it)."""
+        raise ValueError(
+            f"init_lora_weights='loftq' needs a Linear or Conv1D layer; {target_name} is "
+            f"{type(self.get_base_layer()).__name__}."
+        )
 
     def init_factors(self, adapter_name: str, init: InitKind, target_name: str) -> None:
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
@@ -482,6 +533,32 @@ class Linear(LoraLayer):
             self._orthogonal_init(adapter_name)
         else:
             super().init_factors(adapter_name, init, target_name)
+
+    @torch.no_grad()
+    def loftq_init(self, adapter_name: str, settings: dict[str, int], target_name: str) -> None:
+        """LoftQ on a full-precision base: the base weight becomes its quantized-then-dequantized version ``Q``
+        (what the 4-bit / 8-bit base will hold) and ``A, B`` the low-rank fit of what quantizing lost."""
+        base = self.get_base_layer()
+        if self.base_is_quantized and loading_saved_adapter():
+            # a saved LoftQ adapter loaded onto its quantized base: the factors come from the file
+            self.init_factors(adapter_name, True, target_name)
+            return
+        if self.base_is_quantized:
+            raise ValueError(
+                f"init_lora_weights='loftq' quantizes the base weight itself, and {target_name} is already "
+                f"quantized ({type(base).__name__}); load the base in full precision, or use "
+                f"replace_lora_weights_loftq on a quantized model."
+            )
+        bits, iterations = settings.get("loftq_bits", 4), settings.get("loftq_iter", 1)
+        dtype = base.weight.dtype
+        weight = self._base_weight_out_in().to(torch.float32)
+        quantized, lora_A, lora_B = loftq_decomposition(
+            weight, bits, self.r[adapter_name], iterations, self.scaling[adapter_name]
+        )
+        self.lora_A[adapter_name].weight.data = lora_A.to(self.lora_A[adapter_name].weight.dtype)
+        self.lora_B[adapter_name].weight.data = lora_B.to(self.lora_B[adapter_name].weight.dtype)
+        self._weight_row_sq_norms = None
+        base.weight.data = (quantized.T if self.fan_in_fan_out else quantized).to(dtype).contiguous()
 
     @torch.no_grad()
     def _orthogonal_init(self, adapter_name: str) -> None:
@@ -1695,6 +1772,148 @@ def _new_lora_layer(base: nn.Module, target: nn.Module, target_name: str, config
         f"transformers Conv1D, torch.nn.Embedding, torch.nn.Conv1d/Conv2d/Conv3d and torch.nn.MultiheadAttention. "
         f"Narrow target_modules."
     )
+
+
+# ----------------------------------------------------------------------------------------------- LoftQ
+def _quantization_roundtrip(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """``weight`` quantized as bitsandbytes stores it and dequantized again: NF4 in blocks of 64 without
+    double quantization (``bits=4``, as HF PEFT's LoftQ) or int8 per row (``bits=8``)."""
+    import bitsandbytes as bnb
+
+    weight = weight.contiguous()
+    if bits == 4:
+        packed, state = bnb.functional.quantize_4bit(
+            weight, blocksize=64, compress_statistics=False, quant_type="nf4"
+        )
+        return bnb.functional.dequantize_4bit(packed, state).to(weight.dtype)
+    codes, scales, _ = bnb.functional.int8_vectorwise_quant(weight)
+    return bnb.functional.int8_vectorwise_dequant(codes, scales).to(weight.dtype)
+
+
+def _low_rank_factors(residual: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A (r × in), B (out × r)`` with ``scaling · B A`` the best rank-``r`` approximation of ``residual``
+    (its truncated SVD, ``√(σ / scaling)`` on each side)."""
+    U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
+    root = torch.sqrt(S[:rank] / scaling)
+    return (root[:, None] * Vh[:rank]).contiguous(), (U[:, :rank] * root).contiguous()
+
+
+def loftq_decomposition(
+    weight: torch.Tensor, bits: int, rank: int, iterations: int = 1, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoftQ (Li et al., "LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large Language Models", ICLR 2024,
+    arXiv:2310.08659): alternate ``Q = dequant(quant(W − s·BA))`` and ``s·BA = SVD_r(W − Q)``, starting from
+    ``BA = 0``, so that the quantized base plus the adapter starts close to ``W``.
+
+    Returns ``(Q, A, B)``. HF PEFT's LoftQ leaves the scale ``s = lora_alpha / r`` out (its ``BA`` is the
+    fit itself, exact only for ``lora_alpha = r``); here ``s·BA`` is the fit for every ``lora_alpha``.
+    """
+    target = weight
+    for step in range(iterations):
+        quantized = _quantization_roundtrip(target, bits)
+        lora_A, lora_B = _low_rank_factors(weight - quantized, rank, scaling)
+        if step + 1 < iterations:
+            target = weight - scaling * lora_B @ lora_A
+    return quantized, lora_A, lora_B
+
+
+def _safetensors_weights(folder_or_file: str) -> dict[str, str]:
+    """Tensor name -> file holding it, for a model saved as safetensors (one file or shards with
+    ``model.safetensors.index.json``)."""
+    from safetensors import safe_open
+
+    path = folder_or_file
+    if os.path.isdir(path):
+        single = os.path.join(path, "model.safetensors")
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(single):
+            path = single
+        elif os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map", {})
+            files = {}
+            for name, shard in weight_map.items():
+                if not isinstance(shard, str) or os.path.basename(shard) != shard:
+                    raise ValueError(f"{index}: shard {shard!r} is not a file name in that folder.")
+                files[name] = os.path.join(path, shard)
+            return files
+        else:
+            raise FileNotFoundError(
+                f"{folder_or_file} holds no model.safetensors (or sharded index); LoftQ reads the full-precision "
+                f"weights from a safetensors checkpoint."
+            )
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No safetensors checkpoint at {folder_or_file}.")
+    with safe_open(path, framework="pt") as f:
+        return dict.fromkeys(f.keys(), path)
+
+
+@torch.no_grad()
+def replace_lora_weights_loftq(
+    peft_model: nn.Module,
+    model_path: str | None = None,
+    adapter_name: str = "default",
+    callback: Any = None,
+) -> None:
+    """LoftQ on a model already loaded in 4-bit (HF PEFT's ``replace_lora_weights_loftq``): for every LoRA
+    layer on a bitsandbytes 4-bit linear, set ``A, B`` so that ``s·BA`` is the best rank-r fit of
+    ``W − dequant(Q)``, ``W`` read from the full-precision safetensors checkpoint at ``model_path`` (a file or
+    folder; default: the base model's own folder). Runs on CPU as well (HF PEFT's needs a GPU).
+
+    ``callback(model, module_name) -> bool`` is called after each layer; ``False`` puts that layer's previous
+    factors back (e.g. keep a layer only if it brings the logits closer to the full-precision model's).
+
+    Raises:
+        ValueError: no LoRA layer on a 4-bit base, or no checkpoint to read.
+    """
+    from safetensors import safe_open
+
+    tuner = getattr(peft_model, "base_model", None)
+    if not isinstance(tuner, LoraModel):
+        raise ValueError("replace_lora_weights_loftq needs a PeftModel with LoRA adapters.")
+    base = tuner.model
+    if model_path is None:
+        model_path = getattr(base, "name_or_path", None) or getattr(
+            getattr(base, "config", None), "_name_or_path", ""
+        )
+        if not model_path or not os.path.isdir(model_path):
+            raise ValueError(
+                "The base model was not loaded from a local folder; pass model_path, the folder (or file) of its "
+                "full-precision safetensors checkpoint."
+            )
+    layers = [
+        (name, layer)
+        for name, layer in tuner.adapter_layers()
+        if isinstance(layer, Linear)
+        and adapter_name in layer.r
+        and layer.base_is_quantized
+        and type(layer.get_base_layer()).__name__ == "Linear4bit"
+    ]
+    if not layers:
+        raise ValueError("No bnb LoRA module found on the model")  # HF PEFT's words
+    files = _safetensors_weights(model_path)
+    prefix = getattr(base, "base_model_prefix", "") or ""
+    for name, layer in layers:
+        key = f"{name}.weight"
+        if key not in files and prefix and key.startswith(f"{prefix}."):
+            key = key[len(prefix) + 1 :]
+        if key not in files:
+            raise ValueError(f"{model_path} has no tensor {name}.weight for the LoRA layer {name}.")
+        with safe_open(files[key], framework="pt") as f:
+            weight = f.get_tensor(key).to(torch.float32)
+        dequantized = layer.base_weight().to(torch.float32)
+        if weight.shape != dequantized.shape:
+            raise ValueError(f"{key}: checkpoint {tuple(weight.shape)} vs model {tuple(dequantized.shape)}")
+        lora_A, lora_B = _low_rank_factors(
+            weight - dequantized, layer.r[adapter_name], layer.scaling[adapter_name]
+        )
+        A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        before = (A.detach().clone(), B.detach().clone())
+        A.copy_(lora_A.to(A.dtype))
+        B.copy_(lora_B.to(B.dtype))
+        if callback is not None and not callback(peft_model, name):
+            A.copy_(before[0])
+            B.copy_(before[1])
 
 
 register_method("LORA", LoraConfig, LoraModel)
