@@ -592,6 +592,24 @@ def test_save_load_round_trip_is_exact(case: Case, tmp_path: Any) -> None:
     assert {n for n, p in trainable.named_parameters() if p.requires_grad} == _adapter_param_names(trainable)
 
 
+def test_low_cpu_mem_usage_loading_gives_the_same_model(case: Case, tmp_path: Any) -> None:
+    """HF PEFT's ``low_cpu_mem_usage=True``: adapters built on the meta device, then the file's tensors take
+    their place; the result is the same model as an ordinary load, every parameter on the base's device."""
+    model = get_peft_model(case.build_model(0), case.config())
+    _train(model, case)
+    model.save_pretrained(tmp_path)
+    expected = _output(PeftModel.from_pretrained(case.build_model(0), tmp_path), case)
+    loaded = PeftModel.from_pretrained(case.build_model(0), tmp_path, low_cpu_mem_usage=True)
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    assert torch.equal(_output(loaded, case), expected)
+    if case.one_adapter_per_model or case.second_config is not None or not case.base_untouched:
+        return
+    loaded.load_adapter(tmp_path, "again", low_cpu_mem_usage=True)
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    loaded.set_adapter("again")
+    assert torch.equal(_output(loaded, case), expected)
+
+
 def test_merge_equals_unmerged_and_unmerge_restores(case: Case) -> None:
     if not case.mergeable:
         pytest.skip("method cannot be merged")
@@ -671,3 +689,24 @@ def test_duplicate_adapter_name_raises_and_changes_nothing(case: Case) -> None:
     assert state.keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def test_inject_with_low_cpu_mem_usage_leaves_meta_parameters_that_loading_fills(tmp_path: Any) -> None:
+    """``inject_adapter_in_model(..., low_cpu_mem_usage=True)`` allocates nothing for the adapter (HF PEFT's
+    meta-device layers); ``set_peft_model_state_dict`` then gives every parameter its saved value."""
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True)
+    trained = get_peft_model(tiny_llama(0), config)
+    case = CASES[0]
+    _train(trained, case)
+    expected = _output(trained, case)
+    model = peftkit.inject_adapter_in_model(config, tiny_llama(0), low_cpu_mem_usage=True)
+    on_meta = {part for n, p in model.named_parameters() if p.device.type == "meta" for part in n.split(".")}
+    assert on_meta >= {"lora_A", "lora_B", "lora_magnitude_vector"}
+    saved = peftkit.get_peft_model_state_dict(
+        trained
+    )  # keys of a PeftModel; an injected model's lack the prefix
+    peftkit.set_peft_model_state_dict(
+        model, {k.removeprefix("base_model.model."): v for k, v in saved.items()}
+    )
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    torch.testing.assert_close(_output(model, case), expected, atol=0, rtol=0)

@@ -162,10 +162,36 @@ def set_peft_model_state_dict(
             parts.append(f"Unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}")
         parts.append("Nothing was loaded.")
         raise ValueError(" ".join(parts))
+    on_meta = {id(t) for t in targets.values() if t.device.type == "meta"}
+    owners = _parameter_owners(model, on_meta) if on_meta else {}
     with torch.no_grad():
         for key, target in targets.items():
-            target.copy_(state_dict[key].to(device=target.device, dtype=target.dtype))
+            if id(target) in owners:  # created with low_cpu_mem_usage: the loaded tensor takes its place
+                module, attr, device = owners[id(target)]
+                value = state_dict[key].to(device=device, dtype=target.dtype)
+                module._parameters[attr] = nn.Parameter(value.clone(), requires_grad=target.requires_grad)
+            else:
+                target.copy_(state_dict[key].to(device=target.device, dtype=target.dtype))
     return nn.modules.module._IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+
+
+def _parameter_owners(model: nn.Module, ids: set[int]) -> dict[int, tuple[nn.Module, str, torch.device]]:
+    """For parameters (by id) on the meta device: every ``(module, attribute)`` holding one, and the device
+    its values belong on (that of the nearest enclosing module with real parameters: the wrapped layer)."""
+    owners: dict[int, tuple[nn.Module, str, torch.device]] = {}
+    fallback = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+    def visit(module: nn.Module, device: torch.device) -> None:
+        own = next((p.device for p in module.parameters() if p.device.type != "meta"), None)
+        device = own or device
+        for attr, param in module._parameters.items():
+            if param is not None and id(param) in ids:
+                owners[id(param)] = (module, attr, device)
+        for child in module.children():
+            visit(child, device)
+
+    visit(model, fallback)
+    return owners
 
 
 def save_adapter_weights(

@@ -55,6 +55,35 @@ def adapter_dtype_policy(autocast_adapter_dtype: bool | None) -> Iterator[None]:
         _AUTOCAST_ADAPTER_DTYPE.reset(token)
 
 
+_META_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def new_parameters_on_meta(enabled: bool = True) -> Iterator[None]:
+    """HF PEFT's ``low_cpu_mem_usage``: parameters registered inside the block are moved to the meta device
+    (no memory, no values), for adapters whose values are about to be loaded from a file
+    (:func:`peftkit.core.checkpoint.set_peft_model_state_dict` then puts real tensors in their place). The
+    model's existing parameters and every buffer are left as they are. ``enabled=False``: nothing changes."""
+    if not enabled:
+        yield
+        return
+    with _META_LOCK:
+        original = nn.Module.register_parameter
+
+        def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+            original(module, name, param)
+            if param is not None and param.device.type != "meta":
+                module._parameters[name] = nn.Parameter(
+                    param.detach().to("meta"), requires_grad=param.requires_grad
+                )
+
+        nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
 def layer_features(layer: nn.Module) -> tuple[int | None, int | None]:
     """``(in_features, out_features)`` of a layer as HF PEFT's tuner layers report them: a linear layer's
     own, a convolution's channels, an embedding's rows and width, transformers ``Conv1D``'s weight

@@ -30,7 +30,13 @@ from peftkit.core.checkpoint import (
     validate_adapter_name,
 )
 from peftkit.core.config import CONFIG_NAME, PeftConfig, TaskType
-from peftkit.core.layer import SAVED_PREFIX, AdapterLayer, ModulesToSaveWrapper, adapter_dtype_policy
+from peftkit.core.layer import (
+    SAVED_PREFIX,
+    AdapterLayer,
+    ModulesToSaveWrapper,
+    adapter_dtype_policy,
+    new_parameters_on_meta,
+)
 from peftkit.core.registry import get_method
 from peftkit.core.targeting import name_matches
 from peftkit.core.tuner import BaseTuner, count_parameters
@@ -138,6 +144,7 @@ class PeftModel(nn.Module):
         peft_config: PeftConfig,
         adapter_name: str = "default",
         autocast_adapter_dtype: bool | None = None,
+        low_cpu_mem_usage: bool = False,
         **_: Any,
     ):
         super().__init__()
@@ -153,7 +160,8 @@ class PeftModel(nn.Module):
                 f"first, or add another adapter to it with add_adapter(name, config)."
             )
         tuner_cls = _tuner_class_for(model, peft_config, adapter_name)
-        with adapter_dtype_policy(autocast_adapter_dtype):
+        on_meta = low_cpu_mem_usage and tuner_cls.supports_low_cpu_mem_usage
+        with adapter_dtype_policy(autocast_adapter_dtype), new_parameters_on_meta(on_meta):
             self.base_model: BaseTuner = tuner_cls(
                 model,
                 {adapter_name: peft_config},
@@ -209,13 +217,20 @@ class PeftModel(nn.Module):
         )
 
     def add_adapter(
-        self, adapter_name: str, peft_config: PeftConfig, autocast_adapter_dtype: bool | None = None, **_: Any
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        autocast_adapter_dtype: bool | None = None,
+        low_cpu_mem_usage: bool = False,
+        **_: Any,
     ) -> None:
         """Add an adapter (not activated: call :meth:`set_adapter`). Nothing changes on error.
 
         ``autocast_adapter_dtype`` (HF PEFT's option): over a float16 / bfloat16 base, create the adapter in
         float32 (True, the default) or in the base's dtype (False); None keeps the setting of an enclosing
-        call (True outside any)."""
+        call (True outside any). ``low_cpu_mem_usage`` (HF PEFT's option): create the adapter's parameters
+        on the meta device, for values that :func:`set_peft_model_state_dict` will load next (the model
+        cannot run before)."""
         self._check_new_adapter_name(adapter_name)
         current = str(self.active_peft_config.peft_type)
         # methods registered with the same tuner share its layers (AdapterFusion next to bottleneck adapters)
@@ -225,11 +240,14 @@ class PeftModel(nn.Module):
             )
         self.peft_config[adapter_name] = peft_config
         try:
-            with adapter_dtype_policy(autocast_adapter_dtype):
+            on_meta = low_cpu_mem_usage and self.base_model.supports_low_cpu_mem_usage
+            with adapter_dtype_policy(autocast_adapter_dtype), new_parameters_on_meta(on_meta):
                 self.base_model.inject_adapter(adapter_name)
         except BaseException:
             del self.peft_config[adapter_name]
             raise
+        if not self.training:  # the new adapter's modules (dropout) follow the model's mode
+            self.eval()
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         self.base_model.set_adapter(adapter_name)
@@ -492,6 +510,7 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> PeftModel:
         subfolder = kwargs.pop("subfolder", None)
+        low_cpu_mem_usage = bool(kwargs.pop("low_cpu_mem_usage", False))
         folder = os.path.join(model_id, subfolder) if subfolder else model_id
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder)
@@ -515,7 +534,7 @@ class PeftModel(nn.Module):
             cls = TASK_TO_PEFT_MODEL.get(str(config.task_type), PeftModel)  # type: ignore[assignment]
         weights = load_adapter_weights(folder)  # read (and check) the file before touching the model
         with sized_by(weights, folder):
-            peft_model = cls(model, config, adapter_name)
+            peft_model = cls(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         try:
             set_peft_model_state_dict(peft_model, weights, adapter_name)
         except BaseException:
@@ -535,11 +554,14 @@ class PeftModel(nn.Module):
         Returns HF PEFT's load result; its key lists are empty (see :func:`set_peft_model_state_dict`)."""
         with adapter_dtype_policy(kwargs.pop("autocast_adapter_dtype", None)):
             self._load_adapter(os.fspath(model_id), adapter_name, is_trainable, **kwargs)
+        if not is_trainable:
+            self.eval()  # as HF PEFT: a loaded adapter is for inference (its dropout off)
         return nn.modules.module._IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
     def _load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool, **kwargs: Any) -> None:
         self._check_new_adapter_name(adapter_name)
         subfolder = kwargs.pop("subfolder", None)
+        low_cpu_mem_usage = bool(kwargs.pop("low_cpu_mem_usage", False))
         folder = os.path.join(model_id, subfolder) if subfolder else model_id
         config = PeftConfig.from_pretrained(model_id, subfolder=subfolder).replace(
             inference_mode=not is_trainable
@@ -551,17 +573,22 @@ class PeftModel(nn.Module):
             for name, path in required.items():
                 self.load_adapter(path, name)
                 loaded.append(name)
-            self._add_saved_adapter(folder, adapter_name, config, weights)
+            self._add_saved_adapter(folder, adapter_name, config, weights, low_cpu_mem_usage)
         except BaseException:
             for name in reversed(loaded):
                 self.delete_adapter(name)
             raise
 
     def _add_saved_adapter(
-        self, folder: str, adapter_name: str, config: PeftConfig, weights: dict[str, Any]
+        self,
+        folder: str,
+        adapter_name: str,
+        config: PeftConfig,
+        weights: dict[str, Any],
+        low_cpu_mem_usage: bool = False,
     ) -> None:
         with sized_by(weights, folder):
-            self.add_adapter(adapter_name, config)
+            self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         try:
             set_peft_model_state_dict(self, weights, adapter_name)
         except BaseException:
@@ -695,14 +722,14 @@ def inject_adapter_in_model(
     """Add the adapter layers of ``peft_config`` to ``model`` in place and return ``model`` itself (no
     ``PeftModel`` around it), as HF PEFT's ``inject_adapter_in_model``. Methods that act on the inputs (soft
     prompts, LLaMA-Adapter's prompts) need the wrapper: use :func:`get_peft_model` for them.
-    ``low_cpu_mem_usage`` is accepted for HF PEFT compatibility; targeting by ``state_dict`` keys is not
+    ``low_cpu_mem_usage``: the adapter's parameters are created on the meta device, for values that
+    :func:`set_peft_model_state_dict` loads next (HF PEFT's option). Targeting by ``state_dict`` keys is not
     supported (give ``target_modules``).
 
     Raises:
         ValueError: a prompt method, a ``state_dict``, or what :func:`get_peft_model` refuses; the model is
             left unchanged.
     """
-    del low_cpu_mem_usage
     if peft_config.is_prompt_learning or getattr(peft_config, "is_adaption_prompt", False):
         raise ValueError(
             "`create_and_replace` does not support prompt learning, adaption prompt and shadow yet."
@@ -729,12 +756,14 @@ def inject_adapter_in_model(
             )
         existing.peft_config[adapter_name] = peft_config
         try:
-            existing.inject_adapter(adapter_name)
+            with new_parameters_on_meta(low_cpu_mem_usage and tuner_cls.supports_low_cpu_mem_usage):
+                existing.inject_adapter(adapter_name)
         except BaseException:
             del existing.peft_config[adapter_name]
             raise
         return model
-    tuner = tuner_cls(model, {adapter_name: peft_config}, adapter_name)
+    with new_parameters_on_meta(low_cpu_mem_usage and tuner_cls.supports_low_cpu_mem_usage):
+        tuner = tuner_cls(model, {adapter_name: peft_config}, adapter_name)
     record_injected_tuner(model, tuner)  # for get_/set_peft_model_state_dict(model)
     return model
 

@@ -105,6 +105,10 @@ class BaseTuner(nn.Module):
     #: HF PEFT's flag for methods whose adapters share state across layers (a shared random projection):
     #: they need the PeftModel around them, so inject_adapter_in_model refuses them
     uses_shared_state: bool = False
+    #: whether ``low_cpu_mem_usage=True`` builds this method's adapters on the meta device (their values then
+    #: come from a file); a method whose adapters are computed from the model when created (soft prompts
+    #: drawn from the vocabulary) builds them as usual, as HF PEFT does for prompt learning
+    supports_low_cpu_mem_usage: bool = True
 
     def __init__(
         self,

@@ -245,6 +245,8 @@ def _make_stage(model: nn.Module, owner: CombinedModel, key: tuple[str, str]) ->
 class CombinedModel(BaseTuner):
     """Builds one tuner per component (the class its method registered) and chains their forwards."""
 
+    supports_low_cpu_mem_usage = False  # built as usual (HF PEFT ignores the option for prompt learning)
+
     #: as a class: combinations in general do not merge; an instance says whether all its components do
     #: (kept up to date on every add and delete; merge_adapter checks the adapters it is asked to merge)
     can_merge = False

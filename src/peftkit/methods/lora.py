@@ -417,7 +417,8 @@ class LoraLayer(AdapterLayer):
         """``m = ‖W + s·BA‖``: at creation DoRA's output equals LoRA's (the same as W's when ``B = 0``)."""
         with torch.no_grad():
             delta = self.delta_weight(adapter_name)
-            norm = self._dora_norm(self.base_weight().to(delta.dtype), delta)
+            # on the meta device (low_cpu_mem_usage) only the shape is computed; the values are loaded next
+            norm = self._dora_norm(self.base_weight().to(delta.device, delta.dtype), delta)
         self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.contiguous())
 
     def _dora_scale(self, adapter_name: str) -> torch.Tensor:
@@ -534,6 +535,16 @@ class Linear(LoraLayer):
         else:
             super().init_factors(adapter_name, init, target_name)
 
+    def _set_factors(self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        """Give the factors these values (factors on the meta device, created for a file's values with
+        ``low_cpu_mem_usage``, keep their place: the file fills them)."""
+        for factor, value in (
+            (self.lora_A[adapter_name].weight, lora_A),
+            (self.lora_B[adapter_name].weight, lora_B),
+        ):
+            if factor.device.type != "meta":
+                factor.data = value.contiguous().to(factor.dtype)
+
     @torch.no_grad()
     def loftq_init(self, adapter_name: str, settings: dict[str, int], target_name: str) -> None:
         """LoftQ on a full-precision base: the base weight becomes its quantized-then-dequantized version ``Q``
@@ -555,8 +566,7 @@ class Linear(LoraLayer):
         quantized, lora_A, lora_B = loftq_decomposition(
             weight, bits, self.r[adapter_name], iterations, self.scaling[adapter_name]
         )
-        self.lora_A[adapter_name].weight.data = lora_A.to(self.lora_A[adapter_name].weight.dtype)
-        self.lora_B[adapter_name].weight.data = lora_B.to(self.lora_B[adapter_name].weight.dtype)
+        self._set_factors(adapter_name, lora_A, lora_B)
         self._weight_row_sq_norms = None
         base.weight.data = (quantized.T if self.fan_in_fan_out else quantized).to(dtype).contiguous()
 
@@ -600,8 +610,7 @@ class Linear(LoraLayer):
             sqrt_s = torch.sqrt(S[:r] / scaling)
             lora_A = torch.diag(sqrt_s) @ Vh[:r]  # (r, in)
             lora_B = U[:, :r] @ torch.diag(sqrt_s)  # (out, r)
-        self.lora_A[adapter_name].weight.data = lora_A.contiguous().to(self.lora_A[adapter_name].weight.dtype)
-        self.lora_B[adapter_name].weight.data = lora_B.contiguous().to(self.lora_B[adapter_name].weight.dtype)
+        self._set_factors(adapter_name, lora_A, lora_B)
         residual = weight - scaling * lora_B @ lora_A
         self._weight_row_sq_norms = None
         base.weight.data = (residual.T if self.fan_in_fan_out else residual).to(dtype).contiguous()

@@ -147,6 +147,8 @@ class PromptTable(nn.Module):
 class PromptTuner(BaseTuner):
     """Generic tuner of the soft-prompt placement; methods set ``placement`` and ``build_encoder``."""
 
+    supports_low_cpu_mem_usage = False  # built as usual (HF PEFT ignores the option for prompt learning)
+
     can_merge = False  # virtual tokens / prefixes have no weight to fold into
     cannot_merge_reason = (
         "Soft prompts cannot be merged into the weights: the virtual tokens are extra inputs. Keep the "
