@@ -299,10 +299,17 @@ class PeftModel(nn.Module):
         selected_adapters: Sequence[str] | None = None,
         is_main_process: bool = True,
         save_embedding_layers: bool | str = "auto",
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
         **_: Any,
     ) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``; the
         ``"default"`` adapter in ``save_directory``, others in ``save_directory/<name>/``.
+
+        ``path_initial_model_for_weight_conversion`` (HF PEFT's option): the folder of the same adapter saved
+        right after it was created. An adapter whose creation moved part of the base weight into it (PiSSA,
+        OLoRA) is then written as the change since that start, an ordinary adapter for the original base
+        model (LoRA: twice the rank, ``ΔW = s·(BA − B₀A₀)``); the method says how
+        (:meth:`~peftkit.core.tuner.BaseTuner.relative_to_initial`).
 
         ``save_embedding_layers`` (HF PEFT's option): also store the base weights of adapted input/output
         embeddings, so an adapter trained after resizing the vocabulary carries its embeddings. ``"auto"``
@@ -317,6 +324,13 @@ class PeftModel(nn.Module):
             raise ValueError(f"Unknown adapters {unknown}; this model has {list(self.peft_config)}.")
         # Every process gathers (sharded parameters are assembled collectively); only the main one writes.
         tensors_by_name = {name: get_peft_model_state_dict(self, name) for name in names}
+        config_changes: dict[str, dict[str, Any]] = {name: {} for name in names}
+        if path_initial_model_for_weight_conversion is not None:
+            initial = load_adapter_weights(os.fspath(path_initial_model_for_weight_conversion))
+            for name in names:
+                tensors_by_name[name], config_changes[name] = self.base_model.relative_to_initial(
+                    name, tensors_by_name[name], initial
+                )
         empty = [name for name in names if not tensors_by_name[name]]
         if empty:
             raise ValueError(
@@ -340,7 +354,9 @@ class PeftModel(nn.Module):
                 tensors = tensors_by_name[name]
                 tensors.update(self._embedding_base_weights(name, save_embedding_layers))
                 save_adapter_weights(tensors, tmp, safe_serialization)
-                self.peft_config[name].save_pretrained(tmp, **self._saved_config_fields(name))
+                self.peft_config[name].save_pretrained(
+                    tmp, **self._saved_config_fields(name), **config_changes[name]
+                )
             card = tempfile.mkdtemp(prefix=".tmp-save-", dir=save_directory)
             staged.append((card, save_directory))
             self.create_or_update_model_card(card, existing=os.path.join(save_directory, "README.md"))

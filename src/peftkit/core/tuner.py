@@ -279,6 +279,21 @@ class BaseTuner(nn.Module):
             f"{type(self).__name__} adapters have no rank to pad; hot-swapping them needs equal shapes."
         )
 
+    def relative_to_initial(
+        self, adapter_name: str, tensors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """For ``save_pretrained(path_initial_model_for_weight_conversion=...)``: the adapter's saved tensors
+        rewritten as the change from ``initial`` (the same adapter's tensors when it was created), for the
+        original base model, and the config fields that change with them. The default refuses.
+
+        Raises:
+            ValueError: the method (or this adapter) cannot be converted, or ``initial`` does not match.
+        """
+        raise ValueError(
+            f"{type(self).__name__} adapters cannot be converted relative to an initial adapter "
+            f"(path_initial_model_for_weight_conversion is for LoRA adapters initialised with PiSSA or OLoRA)."
+        )
+
     def auto_saves_embedding_weights(self, config: PeftConfig) -> bool:
         """Whether ``save_pretrained(save_embedding_layers="auto")`` stores the base weights of the adapted
         embeddings beside the adapter (HF PEFT does, for a vocabulary that may have been resized). A method

@@ -1482,6 +1482,43 @@ class LoraModel(BaseTuner):
     def auto_saves_embedding_weights(self, config: PeftConfig) -> bool:
         return getattr(config, "trainable_token_indices", None) is None  # HF PEFT's rule
 
+    def relative_to_initial(
+        self, adapter_name: str, tensors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """PiSSA / OLoRA to plain LoRA (HF PEFT's conversion): ``W = W_res + s·B₀A₀`` at the start and
+        ``W_res + s·BA`` after training, so ``ΔW = s·(BA − B₀A₀) = s·[B | −B₀][A ; A₀]``: factors of twice the
+        rank with the same scale (``lora_alpha`` doubled, or times √2 with rsLoRA), on the original base."""
+        config = self.peft_config[adapter_name]
+        assert isinstance(config, LoraConfig)
+        if config.use_dora:
+            raise ValueError("Converting a DoRA adapter relative to its initial values is not supported.")
+        if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+            raise ValueError(  # HF PEFT's words
+                "Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported when "
+                "using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True`."
+            )
+        factors = [k for k in tensors if k.endswith((".lora_A.weight", ".lora_B.weight"))]
+        missing = [k for k in factors if k not in initial or initial[k].shape != tensors[k].shape]
+        if missing:
+            raise ValueError(
+                f"The initial adapter does not match this one (e.g. {missing[0]}); pass the folder it was saved to "
+                f"right after creation."
+            )
+        converted = dict(tensors)
+        for key in factors:
+            if key.endswith(".lora_A.weight"):
+                converted[key] = torch.cat([tensors[key], initial[key].to(tensors[key])], dim=0)
+            else:
+                converted[key] = torch.cat([tensors[key], -initial[key].to(tensors[key])], dim=1)
+        changes: dict[str, Any] = {
+            "init_lora_weights": True,
+            "r": 2 * config.r,
+            "lora_alpha": config.lora_alpha * (2**0.5 if config.use_rslora else 2),
+            "rank_pattern": {k: 2 * v for k, v in config.rank_pattern.items()},
+            "alpha_pattern": {k: 2 * v for k, v in config.alpha_pattern.items()},
+        }
+        return converted, changes
+
     # ------------------------------------------------------------------------------- hot-swapping
     # The rank dimension of each factor, by the end of its on-disk key: A is (r, in...), B is (out, r...).
     _RANK_DIM: ClassVar[dict[str, int]] = {
