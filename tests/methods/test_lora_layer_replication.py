@@ -89,3 +89,39 @@ def test_refusals_leave_the_model_unchanged() -> None:
         model.add_adapter("other", LoraConfig(**{**KWARGS, "layer_replication": [[0, 2]]}))
     model.add_adapter("same", LoraConfig(**KWARGS))  # the same layout: no second replication
     assert len(model.base_model.model.model.layers) == 3
+
+
+def test_per_layer_config_follows_the_replicated_blocks() -> None:
+    """Gemma 2 reads ``config.layer_types[i]`` (sliding or full attention) per block: the replicated stack
+    equals a 5-block model built with the repeated blocks' weights and types (HF PEFT fails there)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    def config(layers: int, types: list[str] | None = None) -> Gemma2Config:
+        return Gemma2Config(
+            num_hidden_layers=layers, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, vocab_size=100, sliding_window=4, layer_types=types,
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    base = Gemma2ForCausalLM(config(3)).eval()
+    order = [0, 1, 2, 1, 2]
+    types = [base.config.layer_types[i] for i in order]
+    expected_model = Gemma2ForCausalLM(config(5, types)).eval()
+    state = {k: v for k, v in base.state_dict().items() if ".layers." not in k}
+    for new, old in enumerate(order):
+        prefix = f"model.layers.{old}."
+        state.update(
+            {
+                k.replace(prefix, f"model.layers.{new}.", 1): v
+                for k, v in base.state_dict().items()
+                if k.startswith(prefix)
+            }
+        )
+    expected_model.load_state_dict(state)
+    ids = torch.randint(0, 100, (1, 9), generator=torch.Generator().manual_seed(1))
+    model = get_peft_model(base, LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 3], [1, 3]]))
+    assert model.base_model.model.config.layer_types == types
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected_model(input_ids=ids).logits)
+    generated = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated, expected_model.generate(input_ids=ids, max_new_tokens=4, do_sample=False))

@@ -1272,9 +1272,14 @@ class LoraModel(BaseTuner):
             raise ValueError(f"layer_replication={layout} reaches past the model's {len(original)} blocks.")
         config_obj = getattr(self.model, "config", None)
         old_count = getattr(config_obj, "num_hidden_layers", None)
+        # per-layer settings of the config follow their blocks (HF PEFT leaves them, and models that read
+        # config.layer_types[i], e.g. Gemma 2, then fail on the added blocks)
+        old_types = getattr(config_obj, "layer_types", None)
         setattr(parent, attr, _replicated_blocks(original, layout))
         if old_count is not None:
             config_obj.num_hidden_layers = len(getattr(parent, attr))
+        if isinstance(old_types, (list, tuple)) and len(old_types) == len(original):
+            config_obj.layer_types = [old_types[i] for start, end in layout for i in range(start, end)]
         self.__dict__["_layer_replication"] = [list(r) for r in layout]
         try:
             super().inject_adapter(adapter_name)
@@ -1282,6 +1287,8 @@ class LoraModel(BaseTuner):
             setattr(parent, attr, original)
             if old_count is not None:
                 config_obj.num_hidden_layers = old_count
+            if old_types is not None:
+                config_obj.layer_types = old_types
             del self.__dict__["_layer_replication"]
             raise
 
