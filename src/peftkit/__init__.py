@@ -40,6 +40,7 @@ from peftkit.methods.bitfit import BitFitConfig, BitFitModel
 from peftkit.methods.bottleneck import BottleneckConfig, BottleneckModel, Parallel
 from peftkit.methods.combined import CombinedConfig, CombinedModel
 from peftkit.methods.freeze import FreezeConfig, FreezeModel, HeadOnlyConfig
+from peftkit.methods.full import FullConfig, FullModel
 from peftkit.methods.fusion import AdapterFusionConfig
 from peftkit.methods.ia3 import IA3Config, IA3Model
 from peftkit.methods.lora import LoftQConfig, LoraConfig, LoraModel, replace_lora_weights_loftq
@@ -85,6 +86,8 @@ __all__ = [
     "CombinedModel",
     "FreezeConfig",
     "FreezeModel",
+    "FullConfig",
+    "FullModel",
     "HeadOnlyConfig",
     "IA3Config",
     "IA3Model",

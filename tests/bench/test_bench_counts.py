@@ -395,6 +395,13 @@ def _cases() -> list[CountCase]:
         "head-only-bert", "FREEZE", tiny_bert, plain(lambda: HeadOnlyConfig(task_type="SEQ_CLS")),
         HEAD, HEAD, HEAD,
     )  # fmt: skip
+    # Full fine-tuning: every parameter of the model trains (the head as its saved copy, the rest in place):
+    # embeddings (word, position, token type, LayerNorm), every block, the pooler and the head
+    full_bert = V * H + POS * H + TYPES * H + 2 * H + L * BERT_BLOCK + linear(H, H)
+    case(
+        "full-bert", "FULL", tiny_bert, plain(lambda: peftkit.FullConfig(task_type="SEQ_CLS")),
+        full_bert + HEAD, HEAD, full_bert + HEAD,
+    )  # fmt: skip
 
     # --- combinations: the sum of the components, one head copy for the combination
     combined = lora_qv + houlsby

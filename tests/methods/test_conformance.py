@@ -183,6 +183,24 @@ CASES += [
         one_adapter_per_model=True,
     ),
     Case("head-only-bert", "FREEZE", tiny_bert_cls, lambda: HeadOnlyConfig(task_type="SEQ_CLS")),
+    Case(
+        "full-bert-seq-cls",
+        "FULL",
+        tiny_bert_cls,
+        lambda: peftkit.FullConfig(task_type="SEQ_CLS"),
+        base_untouched=False,
+        disable_supported=False,
+        one_adapter_per_model=True,
+    ),
+    Case(
+        "full-llama",
+        "FULL",
+        tiny_llama_tied,
+        lambda: peftkit.FullConfig(),
+        base_untouched=False,
+        disable_supported=False,
+        one_adapter_per_model=True,
+    ),
 ]
 
 # AdaLoRA: SVD-form updates P Λ Q with Λ = 0 at init (a no-op); GPT-2 exercises Conv1D (fan_in_fan_out).

@@ -579,3 +579,73 @@ def test_print_trainable_parameters_and_inspect_report_the_selection(tmp_path: P
     assert info["num_parameters"] == n_trainable  # the file holds exactly the trained tensors
     assert cli_main(["inspect", str(tmp_path)]) == 0
     assert "bert.encoder.layer.1.attention.self.query.bias" in capsys.readouterr().out
+
+
+def test_full_fine_tuning_equals_plain_pytorch_training(tmp_path: Path) -> None:
+    """``FullConfig``: the same steps as training every parameter of the bare model with the same optimizer
+    (pooler included), and the checkpoint gives that model back on a fresh base."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        {
+            "input_ids": torch.randint(0, 100, (4, 8), generator=generator),
+            "labels": torch.randint(0, 3, (4,), generator=generator),
+        }
+        for _ in range(3)
+    ]
+
+    def train(model: nn.Module) -> None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        model.train()
+        for batch in batches:
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.eval()
+
+    plain = tiny_bert_seq_cls(0)
+    train(plain)
+    from peftkit import FullConfig
+
+    adapted = get_peft_model(tiny_bert_seq_cls(0), FullConfig(task_type="SEQ_CLS"))
+    assert adapted.get_nb_trainable_parameters()[0] == sum(
+        p.numel() for p in tiny_bert_seq_cls(0).parameters()
+    )
+    train(adapted)
+    probe = batches[0]["input_ids"]
+    with torch.no_grad():
+        expected = plain(input_ids=probe).logits
+        torch.testing.assert_close(adapted(input_ids=probe).logits, expected, atol=1e-6, rtol=1e-6)
+    adapted.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_bert_seq_cls(0), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=probe).logits, expected, atol=1e-6, rtol=1e-6)
+    assert "base_model.model.bert.pooler.dense.weight" in load_file(tmp_path / "adapter_model.safetensors")
+
+
+def test_full_through_the_cli_with_threads_and_a_log_at_every_step(tmp_path: Path) -> None:
+    """``method: {name: full}`` trains every parameter from the YAML config; ``train.threads`` sets torch's
+    threads; ``log.jsonl`` grows at every logging step, also between checkpoints (a run killed before its
+    first checkpoint has logged every step it took)."""
+    import subprocess
+
+    from cli_fixtures import PYTHON, build_tokenizer, classification_config, cli_env, write_config
+
+    tokenizer = build_tokenizer(tmp_path / "tok")
+    config = classification_config(tmp_path, tokenizer, threads=1, save_every=100, eval_before=False)
+    config["method"] = {"name": "full"}
+    path = write_config(tmp_path / "run.yaml", config)
+    env = {**cli_env(), "PEFTKIT_TEST_KILL_AFTER_STEP": "5"}
+    killed = subprocess.run(
+        [PYTHON, "-m", "peftkit.cli", "train", path], env=env, capture_output=True, text=True
+    )
+    assert killed.returncode == -9
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+    threads = torch.get_num_threads()
+    assert cli_main(["train", path]) == 0
+    assert torch.get_num_threads() == threads  # the run's setting does not outlive it
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["threads"] == 1
+    # every parameter trains; the only frozen ones are the classifier's original, replaced by its trained copy
+    assert summary["all_params"] - summary["trainable_params"] == 32 * 2 + 2

@@ -10,6 +10,7 @@ from peftkit.methods import (  # noqa: F401  # noqa: F401  (built from the metho
     bottleneck,
     combined,
     freeze,
+    full,
     fusion,
     ia3,
     lora,

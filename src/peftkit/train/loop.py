@@ -618,8 +618,12 @@ def train(
     started = time.perf_counter()
     resume = config.train.resume if resume is None else resume
     group = setup_processes(config.train.device)
-    with output_dir_lock(config.output_dir) if group.is_main else contextlib.nullcontext():
-        return _train(config, resume, wrap, group, started)
+    threads = torch.get_num_threads()
+    try:
+        with output_dir_lock(config.output_dir) if group.is_main else contextlib.nullcontext():
+            return _train(config, resume, wrap, group, started)
+    finally:
+        torch.set_num_threads(threads)  # train.threads holds for the run only (a caller's setting comes back)
 
 
 LOCK_FILE = ".peftkit.lock"
@@ -706,6 +710,8 @@ def _start(
     """Data, model, schedule, optimizer; the last checkpoint's state when resuming; the run's first lines."""
     output_dir = config.output_dir
     say = print if group.is_main else (lambda *a, **k: None)
+    if config.train.threads is not None:
+        torch.set_num_threads(config.train.threads)
 
     tokenizer = load_tokenizer(config.model)
     task = prepare_task(config, tokenizer)
@@ -848,6 +854,8 @@ def _train_steps(run: _Run) -> None:
                 loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
             )
             logged_loss, logged_units, logged_tokens, logged_seconds = 0.0, 0, 0, 0.0
+            if group.is_main:  # at every logging step, so that a slow run can be told from a hung one
+                write_jsonl(os.path.join(config.output_dir, LOG_FILE), history)
         if task.eval_examples and (done % eval_every == 0 or done == schedule.total_steps):
             run.last_metrics = evaluate(run.model, task, config.train.eval_batch_size, group.device)
             history.append(
@@ -855,6 +863,7 @@ def _train_steps(run: _Run) -> None:
             )
             if group.is_main:
                 bar.write(f"step {done}: {_format_metrics(run.last_metrics)}")
+                write_jsonl(os.path.join(config.output_dir, LOG_FILE), history)
         bar.update(1)
         if done % save_every == 0 or done == schedule.total_steps:
             run.trainer_state["global_step"] = done
@@ -899,6 +908,7 @@ def _finish(run: _Run, started: float) -> dict[str, Any]:
         "all_params": run.total,
         "steps": run.schedule.total_steps,
         "processes": group.world_size,
+        "threads": torch.get_num_threads(),
         "seconds": time.perf_counter() - started,
         "peak_memory_bytes": peak_memory_bytes(group.device),
         "metrics_before": run.metrics_before,

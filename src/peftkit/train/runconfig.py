@@ -133,6 +133,9 @@ class TrainSection:
     fsdp: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress_bar: bool = True
+    # torch threads of this run (None: torch's default, one per core); on a machine shared by several runs,
+    # 1 thread each is often faster in total than each run using every core
+    threads: int | None = None
 
 
 @dataclass
@@ -339,7 +342,7 @@ def _check_consistency(config: RunConfig) -> None:
     for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every"):
         if getattr(train, key) < 1:
             raise RunConfigError(f"train.{key} must be at least 1, got {getattr(train, key)}.")
-    for key in ("eval_every", "save_every", "max_steps"):
+    for key in ("eval_every", "save_every", "max_steps", "threads"):
         value = getattr(train, key)
         if value is not None and value < 1:
             raise RunConfigError(f"train.{key} must be at least 1 (or null), got {value}.")
