@@ -212,7 +212,9 @@ def test_report_aggregates_seeds_and_lays_out_peer_precision_and_size_tables(tmp
     ]  # fmt: skip
     report = Path(write_report(str(tmp_path), rows)).read_text()
     # mean and sample sd over the three seeds: 0.8 ± 0.1; median step of 10, 30, 20 ms
-    assert "| lora | peftkit | 0.8000 ± 0.1000 (n=3) | 10 | 10 | 10 (0) | yes | 100 | 20 |" in report
+    assert (
+        "| lora | peftkit | 0.8000 ± 0.1000 (n=3) | best | – | 10 | 10 | 10 (0) | yes | 100 | 20 |" in report
+    )
     assert "| s | t | fp32 | lora | 0.8000 / 0.6000 | 20 / 50 (2.50×) |" in report
     assert "| s | t | lora | 0.800 · 100 MiB · 20 ms | 0.500 · 100 MiB · 40 ms |" in report  # precisions
     assert "| t | fp32 | lora | 20 ms · 100 MiB · 10 tr. | 80 ms · 100 MiB · 10 tr. |" in report  # sizes
@@ -235,3 +237,57 @@ def test_shipped_bench_specs_expand_into_valid_run_configs(spec_path, monkeypatc
 def test_an_unknown_metric_name_is_refused(tmp_path, tokenizer_dir):
     with pytest.raises(RunConfigError, match="metric 'matthews' is unknown"):
         load_spec(write_spec(tmp_path, tokenizer_dir, tasks={"a": {"metric": "matthews"}}))
+
+
+def test_separation_from_the_best_is_judged_against_the_seed_spread():
+    from peftkit.bench.report import separated_from_best
+
+    def rows(method, scores, metric="accuracy"):
+        return [
+            {
+                "method": method,
+                "library": "peftkit",
+                "status": "ok",
+                "metric": v,
+                "metric_name": metric,
+                "seed": i,
+            }
+            for i, v in enumerate(scores)
+        ]
+
+    # best 0.90 ± 0.01; b: 0.85 ± 0.01 (gap 0.05 > 0.02: below); c: 0.89 ± 0.02 (gap 0.01 < 0.03: within)
+    marks = separated_from_best(
+        rows("a", [0.89, 0.90, 0.91]) + rows("b", [0.84, 0.85, 0.86]) + rows("c", [0.87, 0.89, 0.91])
+    )
+    assert marks == {("a", "peftkit"): "best", ("b", "peftkit"): "below", ("c", "peftkit"): "within"}
+    # perplexity: lower is better
+    marks = separated_from_best(rows("a", [10.0, 10.1], "perplexity") + rows("b", [12.0, 12.1], "perplexity"))
+    assert marks[("a", "peftkit")] == "best" and marks[("b", "peftkit")] == "below"
+    assert (
+        separated_from_best(rows("a", [0.9]) + rows("b", [0.8]))[("b", "peftkit")] == ""
+    )  # one seed: no spread
+
+
+def test_sweep_chooses_each_method_s_rate_on_a_split_of_the_training_data(tmp_path, tokenizer_dir):
+    path = write_spec(
+        tmp_path, tokenizer_dir, sweep={"lr_factors": [0.1, 10], "validation_split": 0.25, "seed": 5}
+    )
+    assert main(["bench", path, "--only", "lora"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "bench" / "results.jsonl").read_text().splitlines()]
+    sweep = [r for r in rows if r.get("phase") == "sweep"]
+    final = [r for r in rows if r.get("phase") == "final"]
+    assert len(sweep) == 2 and len(final) == 1 and all(r["status"] == "ok" for r in rows)
+    assert {r["seed"] for r in sweep} == {5}
+    for method, base_lr in (("lora", 1e-2),):  # the base config's train.lr
+        tried = {r["lr"]: r["metric"] for r in sweep if r["method"] == method}
+        assert sorted(tried) == pytest.approx([base_lr * 0.1, base_lr * 10])
+        best = max(sorted(tried), key=lambda lr: tried[lr])  # the lower rate on a tie
+        (row,) = [r for r in final if r["method"] == method]
+        assert row["lr"] == pytest.approx(best)
+        run_config = yaml.safe_load((tmp_path / "bench" / "runs" / row["run"] / "bench_run.yaml").read_text())
+        assert run_config["train"]["lr"] == pytest.approx(best)
+    # the sweep never reads the configured validation set: its runs score a split of the training file
+    swept = yaml.safe_load((tmp_path / "bench" / "runs" / sweep[0]["run"] / "bench_run.yaml").read_text())
+    assert swept["data"]["validation"] is None and swept["data"]["validation_split"] == 0.25
+    report = (tmp_path / "bench" / "report.md").read_text()
+    assert "## Learning-rate sweep" in report and "**" in report

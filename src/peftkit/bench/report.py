@@ -81,23 +81,55 @@ def _library(row: Row) -> str:
 
 
 # ------------------------------------------------------------------------------------------ tables
+LOWER_IS_BETTER = ("perplexity", "loss")
+
+
+def separated_from_best(rows: Sequence[Row]) -> dict[tuple[Any, Any], str]:
+    """Per (method, library) of one group: ``"best"`` for the best mean score, ``"below"`` when the best mean
+    exceeds this one by more than the two seed spreads together (sd_best + sd: a difference larger than the
+    spread over seeds), ``"within"`` otherwise; ``""`` when there are not two seeds to measure a spread."""
+    stats = {}
+    for key, group in _group(_ok(rows), ("method", "library")).items():
+        mean, spread, _ = _score(group)
+        if mean is not None:
+            stats[key] = (mean, spread)
+    if not stats:
+        return {}
+    metric = next((r.get("metric_name") for r in rows if r.get("metric_name")), None)
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    best_key = max(stats, key=lambda k: sign * stats[k][0])
+    best_mean, best_spread = stats[best_key]
+    marks = {}
+    for key, (mean, spread) in stats.items():
+        if key == best_key:
+            marks[key] = "best"
+        elif spread is None or best_spread is None:
+            marks[key] = ""
+        else:
+            marks[key] = "below" if sign * (best_mean - mean) > best_spread + spread else "within"
+    return marks
+
+
 def method_table(rows: Sequence[Row]) -> list[str]:
     """One line per method and library of one (model, task, precision) group."""
+    marks = separated_from_best(rows)
     lines = [
-        "| method | library | score (mean ± sd) | trainable | added | stored (KiB) | merges | peak MiB | "
-        "step ms | tokens/s | final loss | latency base / unmerged / merged ms |",
-        "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|",
+        "| method | library | score (mean ± sd) | vs best | lr | trainable | added | stored (KiB) | merges | "
+        "peak MiB | step ms | tokens/s | final loss | latency base / unmerged / merged ms |",
+        "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for (method, library), group in _group(rows, ("method", "library")).items():
         ok = _ok(group)
         if not ok:
             error = (group[0].get("error") or "").replace("|", "/")
-            lines.append(f"| {method} | {library} | {group[0].get('status')}: {error} |||||||||")
+            lines.append(f"| {method} | {library} | {group[0].get('status')}: {error} |||||||||||")
             continue
         first = ok[0]
         merged = _median(ok, "latency_merged_ms") if first.get("mergeable") else None
+        lr = _fmt(first.get("lr"), ".2g") if first.get("lr") is not None else "–"
         lines.append(
-            f"| {method} | {library} | {_score_text(ok)} | {first['trainable_params']:,} | "
+            f"| {method} | {library} | {_score_text(ok)} | {marks.get((method, library), '')} | {lr} | "
+            f"{first['trainable_params']:,} | "
             f"{first['added_params']:,} | {first['stored_params']:,} ({first['stored_bytes'] / 1024:.0f}) | "
             f"{'yes' if first.get('mergeable') else 'no'} | {_fmt(_median(ok, 'peak_memory_bytes', 2**-20), '.0f')} | "
             f"{_fmt(_median(ok, 'median_step_seconds', 1000), '.0f')} | {_fmt(_median(ok, 'tokens_per_second'), '.0f')} | "
@@ -179,9 +211,42 @@ def _size_cell(rows: list[Row]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ report
+def sweep_table(rows: Sequence[Row]) -> list[str]:
+    """The learning-rate sweep: one line per grid point, the validation score at each rate, the chosen one
+    in bold."""
+    sweep = [r for r in rows if r.get("phase") == "sweep"]
+    if not sweep:
+        return []
+    lines = [
+        "| model | task | precision | method | validation score at each learning rate |",
+        "|---|---|---|---|---|",
+    ]
+    for (model, task, precision, method), group in _group(
+        sweep, ("model", "task", "precision", "method")
+    ).items():
+        metric = next((r.get("metric_name") for r in group if r.get("metric_name")), None)
+        scored = [
+            (r["lr"], r.get("metric"))
+            for r in group
+            if r.get("status") == "ok" and r.get("metric") is not None
+        ]
+        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+        best = max(scored, key=lambda x: (sign * x[1], -x[0]))[0] if scored else None
+        cells = []
+        for row in sorted(group, key=lambda r: r["lr"]):
+            text = f"{row['lr']:.2g}: " + (
+                f"{row['metric']:.4f}" if row.get("metric") is not None else row.get("status", "?")
+            )
+            cells.append(f"**{text}**" if row["lr"] == best else text)
+        lines.append(f"| {model} | {task} | {precision} | {method} | {', '.join(cells)} |")
+    return lines
+
+
 def write_report(folder: str, rows: Sequence[Row], meta: dict[str, Any] | None = None) -> str:
     """Write ``folder/report.md`` and its plots; returns the report's path."""
     rows = list(rows)
+    sweep = sweep_table(rows)
+    rows = [r for r in rows if r.get("phase") != "sweep"]  # the tables below: the reported runs
     ok = _ok(rows)
     lines = ["# peftkit bench report", ""]
     if meta:
@@ -197,11 +262,23 @@ def write_report(folder: str, rows: Sequence[Row], meta: dict[str, Any] | None =
     failed = [r for r in rows if r.get("status") != "ok"]
     lines.append(
         f"{len(rows)} runs ({len(ok)} finished, {len(failed)} failed). Score: mean ± sample standard deviation over "
-        "seeds; memory, times and latencies: medians over seeds. Counts (trainable / added / stored) as defined in "
-        "docs/bench.md; peak MiB is the training process's peak resident memory; step ms the median optimizer step; "
-        "latency the median forward pass of one inference batch (base / adapted unmerged / merged)."
+        "seeds; \"vs best\": *below* when the best method's mean exceeds this one's by more than the two seed spreads "
+        "together (sd + sd), *within* otherwise; memory, times and latencies: medians over seeds. Counts (trainable "
+        "/ added / stored) as defined in docs/bench.md; peak MiB is the training process's peak resident memory; "
+        "step ms the median optimizer step; latency the median forward pass of one inference batch (base / adapted "
+        "unmerged / merged)."
     )
     lines.append("")
+    if sweep:
+        lines += [
+            "## Learning-rate sweep",
+            "",
+            "Each method's rate was chosen on a validation split carved from the training data (one seed); the "
+            "reported runs below use the rate in bold.",
+            "",
+            *sweep,
+            "",
+        ]
     models = _ordered([r["model"] for r in rows])
     precisions = _ordered([r["precision"] for r in rows])
     for (model, task, precision), group in _group(rows, ("model", "task", "precision")).items():

@@ -11,6 +11,7 @@ A spec is a YAML file::
     metric: accuracy                                    # the score column (a task's own ``metric`` wins)
     peer: benchmarks/hf_peft_peer.py                    # optional: the same runs with another library
     threads: 1                                          # optional: torch threads of every run
+    sweep: {lr_factors: [0.3, 1, 3], validation_split: 0.1, seed: 0}   # optional, see below
     inference: {batch_size: 32, repeats: 10}
     output_dir: outputs/bench
 
@@ -35,6 +36,13 @@ method_config) -> model`` (the counterpart of :func:`peftkit.get_peft_model`), `
 -> model`` (of ``PeftModel.from_pretrained``) and ``version() -> str``. The repository ships
 ``benchmarks/hf_peft_peer.py`` for Hugging Face PEFT. Every method the peer supports runs twice per grid
 point, once per library, with the same base model, data order, seed and budget.
+
+**The learning-rate sweep.** With ``sweep``, each method first runs once per learning rate ``lr × factor``
+(its own ``train.lr`` times each of ``lr_factors``), with one seed, scored on a validation split carved from
+the *training* data (``validation_split`` of it; the configured validation set is not read), and the grid's
+runs then use, per method, the rate that scored best there. The reported validation set never chooses
+anything. Sweep rows are kept (``phase: sweep``) and tabled in the report. A peer library's runs use the
+rate chosen for peftkit's (same settings, same budget).
 
 The report (``report.md`` and PNG plots, see :func:`write_report`) is rewritten after every run and can be
 rebuilt from the rows with ``peftkit bench --report OUTPUT_DIR``.
@@ -78,6 +86,7 @@ SPEC_KEYS = (
     "metric",
     "peer",
     "threads",
+    "sweep",
     "inference",
     "output_dir",
     "timeout_s",
@@ -108,6 +117,7 @@ class BenchSpec:
     task_metrics: dict[str, str] = field(default_factory=dict)  # a task's own ``metric``
     peer: str | None = None  # path of a peer runner (see the module docstring)
     threads: int | None = None
+    sweep: dict[str, Any] | None = None  # {lr_factors, validation_split, seed}; see the module docstring
     output_dir: str = "outputs/bench"
     timeout_s: int = 3600
     path: str | None = None
@@ -187,6 +197,8 @@ def load_spec(path: str, only: list[str] | None = None, allow_code: bool = False
         if not isinstance(raw["threads"], int) or raw["threads"] < 1:
             raise RunConfigError(f"bench threads must be a positive integer, not {raw['threads']!r}.")
         spec.threads = raw["threads"]
+    if raw.get("sweep") is not None:
+        spec.sweep = _check_sweep(raw["sweep"], spec.seeds)
     spec.output_dir = raw.get("output_dir", spec.output_dir)
     spec.timeout_s = int(raw.get("timeout_s", spec.timeout_s))
     if only:
@@ -197,6 +209,25 @@ def load_spec(path: str, only: list[str] | None = None, allow_code: bool = False
             )
         spec.methods = {m: spec.methods[m] for m in only}
     return spec
+
+
+def _check_sweep(raw: Any, seeds: list[int]) -> dict[str, Any]:
+    if not isinstance(raw, dict) or set(raw) - {"lr_factors", "validation_split", "seed"}:
+        raise RunConfigError("bench sweep must be a mapping with lr_factors (and validation_split, seed).")
+    factors = raw.get("lr_factors")
+    if (
+        not isinstance(factors, list)
+        or not factors
+        or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors)
+    ):
+        raise RunConfigError("bench sweep.lr_factors must be a non-empty list of positive numbers.")
+    split = raw.get("validation_split", 0.1)
+    if not isinstance(split, (int, float)) or not 0 < split < 1:
+        raise RunConfigError(f"bench sweep.validation_split must be between 0 and 1, not {split!r}.")
+    seed = raw.get("seed", seeds[0])
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise RunConfigError(f"bench sweep.seed must be an integer, not {seed!r}.")
+    return {"lr_factors": [float(f) for f in factors], "validation_split": float(split), "seed": seed}
 
 
 def load_peer(path: str) -> ModuleType:
@@ -218,9 +249,75 @@ def load_peer(path: str) -> ModuleType:
     return module
 
 
-def expand(spec: BenchSpec) -> list[BenchRun]:
+def _base_lr(raw: dict[str, Any]) -> float:
+    from peftkit.train.runconfig import TrainSection
+
+    return float((raw.get("train") or {}).get("lr", TrainSection.lr))
+
+
+def expand_sweep(spec: BenchSpec) -> list[BenchRun]:
+    """The learning-rate sweep's runs (see the module docstring): per model, task, method and precision, one
+    run per factor, one seed, validated on a split carved from the training data."""
+    assert spec.sweep is not None
+    runs = []
+    seed = spec.sweep["seed"]
+    for (model, model_cfg), (task, task_cfg), (method, method_cfg), precision in itertools.product(
+        spec.models.items(), spec.tasks.items(), spec.methods.items(), spec.precisions
+    ):
+        raw = spec.base
+        for layer in (model_cfg, task_cfg, method_cfg, PRECISIONS[precision]):
+            raw = deep_merge(raw, layer)
+        for factor in spec.sweep["lr_factors"]:
+            lr = _base_lr(raw) * factor
+            run_raw = deep_merge(raw, {"train": {"seed": seed, "progress_bar": False, "lr": lr}})
+            run_raw["data"] = {
+                **run_raw.get("data", {}),
+                "validation": None,
+                "validation_split": spec.sweep["validation_split"],
+            }
+            parts = [model, task, method, precision, f"sweep-lr{lr:.3g}", f"seed{seed}"]
+            run_id = "-".join(p for p in parts if p != "base")
+            try:
+                build_run_config(copy.deepcopy(run_raw))
+            except RunConfigError as err:
+                raise RunConfigError(f"bench run {run_id}: {err}") from None
+            run_raw["output_dir"] = os.path.join(spec.output_dir, "runs", run_id)
+            axes = {
+                "model": model,
+                "task": task,
+                "method": method,
+                "library": LIBRARY,
+                "precision": precision,
+                "seed": seed,
+                "phase": "sweep",
+                "lr": lr,
+            }
+            runs.append(BenchRun(run_id, axes, run_raw))
+    return runs
+
+
+LOWER_IS_BETTER = ("perplexity", "loss")
+
+
+def choose_lrs(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], float]:
+    """Per (model, task, method, precision), the sweep's learning rate with the best validation score (the
+    lower rate on a tie); a point whose sweep runs all failed keeps its configured rate (absent here)."""
+    best: dict[tuple[str, str, str, str], tuple[float, float]] = {}
+    for row in rows:
+        if row.get("phase") != "sweep" or row.get("status") != "ok" or row.get("metric") is None:
+            continue
+        key = (row["model"], row["task"], row["method"], row["precision"])
+        sign = -1.0 if row.get("metric_name") in LOWER_IS_BETTER else 1.0
+        candidate = (sign * float(row["metric"]), -float(row["lr"]))
+        if key not in best or candidate > best[key]:
+            best[key] = candidate
+    return {key: -value[1] for key, value in best.items()}
+
+
+def expand(spec: BenchSpec, lrs: dict[tuple[str, str, str, str], float] | None = None) -> list[BenchRun]:
     """Every grid point, each checked as a run config (all errors surface before anything runs); with a
-    peer runner, a second run per grid point whose method the peer supports."""
+    peer runner, a second run per grid point whose method the peer supports. ``lrs``: the learning rate
+    the sweep chose per (model, task, method, precision)."""
     peer = load_peer(spec.peer) if spec.peer else None
     if peer is not None and not peer.available():
         print(f"bench: the peer library {peer.NAME} is not installed: no peer column.")
@@ -234,6 +331,9 @@ def expand(spec: BenchSpec) -> list[BenchRun]:
         for layer in (model_cfg, task_cfg, method_cfg, PRECISIONS[precision]):
             raw = deep_merge(raw, layer)
         raw = deep_merge(raw, {"train": {"seed": seed, "progress_bar": False}})
+        chosen_lr = (lrs or {}).get((model, task, method, precision))
+        if chosen_lr is not None:
+            raw = deep_merge(raw, {"train": {"lr": chosen_lr}})
         libraries = [LIBRARY]
         try:
             run_config = build_run_config(copy.deepcopy(raw))
@@ -255,6 +355,8 @@ def expand(spec: BenchSpec) -> list[BenchRun]:
                 "precision": precision,
                 "seed": seed,
             }
+            if spec.sweep is not None:
+                axes.update({"phase": "final", "lr": _base_lr(raw)})
             runs.append(BenchRun(run_id, axes, run_raw))
     return runs
 
@@ -263,79 +365,102 @@ def expand(spec: BenchSpec) -> list[BenchRun]:
 def run_bench(spec: BenchSpec, dry_run: bool = False, resume: bool = False) -> list[dict[str, Any]]:
     """Run every grid point; with ``resume``, a run whose folder already holds a result for the same
     config is reused instead of run again (an interrupted grid goes on where it stopped)."""
+    sweep = expand_sweep(spec) if spec.sweep is not None else []
     runs = expand(spec)
-    print(f"bench: {len(runs)} runs -> {spec.output_dir}")
+    print(f"bench: {len(sweep) + len(runs)} runs -> {spec.output_dir}")
     if dry_run:
-        for run in runs:
+        for run in sweep:
             print(f"  {run.run_id}")
+        for run in runs:
+            print(f"  {run.run_id}" + ("  (at the learning rate the sweep chooses)" if sweep else ""))
         return []
     os.makedirs(os.path.join(spec.output_dir, "runs"), exist_ok=True)
     meta = _bench_meta(spec)
     atomic_write_text(os.path.join(spec.output_dir, "bench_meta.json"), json.dumps(meta, indent=1))
     rows: list[dict[str, Any]] = []
-    for index, run in enumerate(runs, 1):
-        run_dir = run.raw["output_dir"]
-        os.makedirs(run_dir, exist_ok=True)
-        config_path = os.path.join(run_dir, "bench_run.yaml")
-        result_path = os.path.join(run_dir, "bench_result.json")
-        config_text = yaml.safe_dump(run.raw, sort_keys=False)
-        reusable = resume and os.path.isfile(result_path) and _read(config_path) == config_text
-        row: dict[str, Any] = {"run": run.run_id, **run.axes}
-        if reusable:
-            with open(result_path, encoding="utf-8") as f:
-                row.update(json.load(f))
-            row["status"] = "ok"
-            _choose_metric(row, spec)
-            print(f"[{index}/{len(runs)}] {run.run_id}: reused\n    {_row_line(row)}", flush=True)
-            rows.append(row)
-            write_results(spec.output_dir, rows, meta)
-            continue
-        atomic_write_text(config_path, config_text)
-        if os.path.exists(result_path):
-            os.remove(result_path)
-        print(f"[{index}/{len(runs)}] {run.run_id} ...", flush=True)
-        started = time.perf_counter()
-        env = {
-            **os.environ,
-            "TOKENIZERS_PARALLELISM": "false",
-            "PEFTKIT_BENCH_REPEATS": str(spec.inference["repeats"]),
-            "PEFTKIT_BENCH_BATCH": str(spec.inference["batch_size"]),
-        }
-        env.pop(PEER_ENV, None)
-        if run.axes["library"] != LIBRARY:
-            env[PEER_ENV] = str(spec.peer)
-        if spec.threads is not None:
-            env.update({THREADS_ENV: str(spec.threads), "OMP_NUM_THREADS": str(spec.threads)})
-        with open(os.path.join(run_dir, "bench.log"), "w", encoding="utf-8") as log:
-            try:
-                process = subprocess.run(
-                    [sys.executable, "-m", "peftkit.bench.runner", config_path, result_path],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    timeout=spec.timeout_s,
-                )
-                returncode = process.returncode
-            except subprocess.TimeoutExpired:
-                returncode = -1
-        wall_seconds = time.perf_counter() - started
-        if returncode == 0 and os.path.isfile(result_path):
-            with open(result_path, encoding="utf-8") as f:
-                result = json.load(f)
-            result["wall_seconds"] = wall_seconds  # kept with the result, so that --resume reports it too
-            atomic_write_text(result_path, json.dumps(result, indent=1))
-            row.update(result)
-            row["status"] = "ok"
-            _choose_metric(row, spec)
-        else:
-            row["status"] = "failed" if returncode != -1 else "timeout"
-            row["error"] = _last_error_line(os.path.join(run_dir, "bench.log"))
-        row["wall_seconds"] = wall_seconds
-        print(f"    {_row_line(row)}", flush=True)
-        rows.append(row)
-        write_results(spec.output_dir, rows, meta)
+    total = len(sweep) + len(runs)
+    for index, run in enumerate(sweep, 1):
+        _execute(spec, run, rows, meta, f"{index}/{total}", resume)
+    if sweep:
+        chosen = choose_lrs(rows)
+        for key, lr in chosen.items():
+            print(f"sweep: {'-'.join(p for p in key if p not in ('base', 'fp32'))} -> lr {lr:.3g}")
+        runs = expand(spec, chosen)
+    for index, run in enumerate(runs, len(sweep) + 1):
+        _execute(spec, run, rows, meta, f"{index}/{total}", resume)
     print(f"report: {os.path.join(spec.output_dir, 'report.md')} (rows in results.jsonl and results.csv)")
     return rows
+
+
+def _execute(
+    spec: BenchSpec,
+    run: BenchRun,
+    rows: list[dict[str, Any]],
+    meta: dict[str, Any],
+    position: str,
+    resume: bool,
+) -> None:
+    """Run (or, with ``resume``, reuse) one grid point and add its row to ``rows`` (the results are rewritten)."""
+    run_dir = run.raw["output_dir"]
+    os.makedirs(run_dir, exist_ok=True)
+    config_path = os.path.join(run_dir, "bench_run.yaml")
+    result_path = os.path.join(run_dir, "bench_result.json")
+    config_text = yaml.safe_dump(run.raw, sort_keys=False)
+    reusable = resume and os.path.isfile(result_path) and _read(config_path) == config_text
+    row: dict[str, Any] = {"run": run.run_id, **run.axes}
+    if reusable:
+        with open(result_path, encoding="utf-8") as f:
+            row.update(json.load(f))
+        row["status"] = "ok"
+        _choose_metric(row, spec)
+        print(f"[{position}] {run.run_id}: reused\n    {_row_line(row)}", flush=True)
+        rows.append(row)
+        write_results(spec.output_dir, rows, meta)
+        return
+    atomic_write_text(config_path, config_text)
+    if os.path.exists(result_path):
+        os.remove(result_path)
+    print(f"[{position}] {run.run_id} ...", flush=True)
+    started = time.perf_counter()
+    env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "PEFTKIT_BENCH_REPEATS": str(spec.inference["repeats"]),
+        "PEFTKIT_BENCH_BATCH": str(spec.inference["batch_size"]),
+    }
+    env.pop(PEER_ENV, None)
+    if run.axes["library"] != LIBRARY:
+        env[PEER_ENV] = str(spec.peer)
+    if spec.threads is not None:
+        env.update({THREADS_ENV: str(spec.threads), "OMP_NUM_THREADS": str(spec.threads)})
+    with open(os.path.join(run_dir, "bench.log"), "w", encoding="utf-8") as log:
+        try:
+            process = subprocess.run(
+                [sys.executable, "-m", "peftkit.bench.runner", config_path, result_path],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                timeout=spec.timeout_s,
+            )
+            returncode = process.returncode
+        except subprocess.TimeoutExpired:
+            returncode = -1
+    wall_seconds = time.perf_counter() - started
+    if returncode == 0 and os.path.isfile(result_path):
+        with open(result_path, encoding="utf-8") as f:
+            result = json.load(f)
+        result["wall_seconds"] = wall_seconds  # kept with the result, so that --resume reports it too
+        atomic_write_text(result_path, json.dumps(result, indent=1))
+        row.update(result)
+        row["status"] = "ok"
+        _choose_metric(row, spec)
+    else:
+        row["status"] = "failed" if returncode != -1 else "timeout"
+        row["error"] = _last_error_line(os.path.join(run_dir, "bench.log"))
+    row["wall_seconds"] = wall_seconds
+    print(f"    {_row_line(row)}", flush=True)
+    rows.append(row)
+    write_results(spec.output_dir, rows, meta)
 
 
 def _bench_meta(spec: BenchSpec) -> dict[str, Any]:
