@@ -291,3 +291,24 @@ def test_sweep_chooses_each_method_s_rate_on_a_split_of_the_training_data(tmp_pa
     assert swept["data"]["validation"] is None and swept["data"]["validation_split"] == 0.25
     report = (tmp_path / "bench" / "report.md").read_text()
     assert "## Learning-rate sweep" in report and "**" in report
+
+
+def test_score_against_step_comes_from_each_run_s_log(tmp_path):
+    from peftkit.bench.report import _curves
+
+    rows = []
+    for seed in (0, 1):
+        run = f"lora-seed{seed}"
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        records = [{"kind": "train", "step": 50, "loss": 1.0}]
+        records += [{"kind": "eval", "step": s, "eval_accuracy": s / 1000 + seed / 10} for s in (100, 200)]
+        (tmp_path / "runs" / run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        rows.append(_row("s", "lora", "peftkit", "fp32", seed, 0.9, 0.01) | {"run": run})
+    curves = _curves(str(tmp_path), rows)
+    assert set(curves) == {"lora"} and sorted(curves["lora"]) == [100, 200]
+    assert curves["lora"][100] == pytest.approx([0.1, 0.2]) and curves["lora"][200] == pytest.approx(
+        [0.2, 0.3]
+    )
+    report = Path(write_report(str(tmp_path), rows)).read_text()
+    assert "![score_vs_step](score_vs_step.png)" in report
+    assert (tmp_path / "score_vs_step.png").read_bytes()[:4] == b"\x89PNG"

@@ -9,7 +9,9 @@ memory as medians (this is a noisy, shared machine: a median ignores one disturb
 * the peer comparison: peftkit and the peer library side by side for each method both have, with ratios;
 * the precision table (when the grid has several): score, memory and step time per precision;
 * the size table (when the grid has several models): step time and memory against the base's size;
-* plots: ``score_vs_trainable.png``, ``peak_memory.png``, ``step_time.png``, ``cost_vs_size.png``.
+* plots: ``score_vs_trainable.png``, ``peak_memory.png``, ``step_time.png``, ``cost_vs_size.png`` and, when
+  the runs evaluated along the way (``train.eval_every``), ``score_vs_step.png`` (each method's score against
+  the step, mean over seeds, read from the runs' ``log.jsonl``: the plateau, or its absence, is visible).
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from typing import Any
 from peftkit.core.io_utils import atomic_write, atomic_write_text
 
 Row = dict[str, Any]
-PLOTS = ("score_vs_trainable.png", "peak_memory.png", "step_time.png", "cost_vs_size.png")
+PLOTS = (
+    "score_vs_trainable.png",
+    "peak_memory.png",
+    "step_time.png",
+    "cost_vs_size.png",
+    "score_vs_step.png",
+)
 
 
 def _ok(rows: Sequence[Row]) -> list[Row]:
@@ -378,7 +386,46 @@ def _plots(folder: str, rows: list[Row]) -> list[str]:
         right.legend(fontsize=7)
         _save(fig, os.path.join(folder, "cost_vs_size.png"))
         written.append("cost_vs_size.png")
+    curves = {key: _curves(folder, groups[key]) for key in keys}
+    if any(curves.values()):
+        fig, axes = plt.subplots(len(keys), 1, figsize=(8, 4.2 * len(keys)), squeeze=False)
+        for ax, key in zip(axes[:, 0], keys, strict=True):
+            metric = next((r.get("metric_name") for r in groups[key] if r.get("metric_name")), "score")
+            for label, points in curves[key].items():
+                steps = sorted(points)
+                ax.plot(steps, [statistics.mean(points[s]) for s in steps], "-o", markersize=3, label=label)
+            ax.set_title(" · ".join(map(str, key)), fontsize=9)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(f"{metric} (mean over seeds)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, ncol=2)
+        _save(fig, os.path.join(folder, "score_vs_step.png"))
+        written.append("score_vs_step.png")
     return written
+
+
+def _curves(folder: str, rows: list[Row]) -> dict[str, dict[int, list[float]]]:
+    """Per method (and library), step -> the evaluated scores of its seeds, read from each run's
+    ``log.jsonl`` (``runs/<run>/log.jsonl``; runs evaluated only at the end give a single point)."""
+    import json
+
+    curves: dict[str, dict[int, list[float]]] = {}
+    for row in rows:
+        path = os.path.join(folder, "runs", str(row.get("run")), "log.jsonl")
+        metric = row.get("metric_name")
+        if not metric or not os.path.isfile(path):
+            continue
+        label = row["method"] if _library(row) == "peftkit" else f"{row['method']} ({_library(row)})"
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                value = record.get(f"eval_{metric}") if isinstance(record, dict) else None
+                if record.get("kind") == "eval" and isinstance(value, (int, float)):
+                    curves.setdefault(label, {}).setdefault(int(record["step"]), []).append(float(value))
+    return {label: points for label, points in curves.items() if len(points) > 1}
 
 
 def _draw_score(ax: Any, rows: list[Row]) -> None:
