@@ -298,9 +298,15 @@ class AdapterLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.batch_adapter_names is not None:
             return self._mixed_batch_forward(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapted_forward(x, *args, **kwargs)
+
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The output with the active adapters acting (not merged, one adapter set for the whole batch): the
+        base layer's output plus each adapter's :meth:`adapter_delta`. A layer that computes its output
+        another way (with a changed weight) overrides this."""
+        result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype  # a float32 adapter on a bf16 base must not change the layer's output dtype
         for name in self.active_adapters:
             result = result + self.adapter_delta(x, name, result)

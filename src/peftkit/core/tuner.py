@@ -84,6 +84,14 @@ class BaseParameterSelection:
     merged: bool = False
 
 
+#: HF PEFT's words when an adapter on a tied embedding or head unties them (``ensure_weight_tying`` off)
+UNTIED_ADAPTER_WARNING = (
+    "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but `ensure_weight_tying` is "
+    "not set to True. This can lead to complications, for example when merging the adapter or converting your "
+    "model to formats other than safetensors."
+)
+
+
 class BaseTuner(nn.Module):
     """Method-independent adapter injection and management (HF PEFT's ``LoraModel`` & co.)."""
 
@@ -486,12 +494,7 @@ class BaseTuner(nn.Module):
             return {}
         if not getattr(config, "ensure_weight_tying", False):
             if hasattr(config, "ensure_weight_tying"):
-                warnings.warn(
-                    "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but "
-                    "`ensure_weight_tying` is not set to True. This can lead to complications, for example when "
-                    "merging the adapter or converting your model to formats other than safetensors.",
-                    stacklevel=4,
-                )  # HF PEFT's words
+                warnings.warn(UNTIED_ADAPTER_WARNING, stacklevel=4)
             return {}
         return dict.fromkeys(tied, embedding)
 

@@ -49,7 +49,7 @@ from peftkit.core.layer import AdapterLayer, adapter_dtype, linear_fan_in_fan_ou
 from peftkit.core.merge import SPARSIFYING, combine_cat, combine_linear, combine_svd, combine_tensors
 from peftkit.core.registry import register_method
 from peftkit.core.targeting import check_module_names, name_matches, per_module_value
-from peftkit.core.tuner import SAVED_PREFIX, BaseTuner
+from peftkit.core.tuner import SAVED_PREFIX, UNTIED_ADAPTER_WARNING, BaseTuner
 from peftkit.methods.lora_ops import DoraLinearFunction, LoraLinearFunction
 from peftkit.methods.trainable_tokens import (
     TokenAdapterLayer,
@@ -1327,12 +1327,7 @@ class LoraModel(BaseTuner):
         )
         if not config.ensure_weight_tying:
             if involved:
-                warnings.warn(
-                    "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but "
-                    "`ensure_weight_tying` is not set to True. This can lead to complications, for example when "
-                    "merging the adapter or converting your model to formats other than safetensors.",
-                    stacklevel=4,
-                )  # HF PEFT's words
+                warnings.warn(UNTIED_ADAPTER_WARNING, stacklevel=4)
             return names
         if not tied and not config.modules_to_save:
             warnings.warn(

@@ -190,15 +190,7 @@ class TrainableTokensLayer(AdapterLayer):
             f"layer (torch.nn.Embedding)."
         )
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                raise RuntimeError("Adapters are disabled while merged; unmerge before disabling.")
-            return self.base_layer(x, *args, **kwargs)
-        if self.batch_adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._forward_with(x, self.active_adapters, *args, **kwargs)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
