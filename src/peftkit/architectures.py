@@ -294,6 +294,11 @@ def find_block_list(model: object) -> tuple[object, str]:
 
 
 # -------------------------------------------------------------------------------- Tied embeddings
+#: HF PEFT's names of embedding layers: ``ensure_weight_tying`` acts (and its warnings speak) only when a
+#: ``target_modules`` / ``modules_to_save`` entry ends with one of them
+EMBEDDING_LAYER_NAMES: tuple[str, ...] = ("embed_tokens", "lm_head")
+
+
 def input_embeddings_name(model: object, default: str | None = None) -> str | None:
     """The full module name of ``model.get_input_embeddings()`` (HF PEFT's rule), ``default`` when the
     model has no such method or the embedding is not one of its modules."""

@@ -728,3 +728,28 @@ def test_inject_with_low_cpu_mem_usage_leaves_meta_parameters_that_loading_fills
     )
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     torch.testing.assert_close(_output(model, case), expected, atol=0, rtol=0)
+
+
+def test_low_cpu_mem_usage_leaves_other_threads_alone() -> None:
+    """The meta-device block acts in its own thread only: a module another thread builds meanwhile is real."""
+    import threading
+
+    from peftkit.core.layer import new_parameters_on_meta
+
+    inside, built = threading.Event(), threading.Event()
+    devices = {}
+
+    def other() -> None:
+        inside.wait(5)
+        devices["other"] = nn.Linear(4, 4).weight.device.type
+        built.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with new_parameters_on_meta():
+        devices["inside"] = nn.Linear(4, 4).weight.device.type
+        inside.set()
+        built.wait(5)
+    thread.join()
+    assert devices == {"inside": "meta", "other": "cpu"}
+    assert nn.Linear(2, 2).weight.device.type == "cpu"  # and nothing stays patched

@@ -154,3 +154,56 @@ def test_encoder_decoder_shared_embedding(tmp_path: Path) -> None:
         torch.testing.assert_close(out(loaded), expected[writer], atol=1e-5, rtol=1e-5)
     loaded = peft.PeftModel.from_pretrained(tiny_bart(0), tmp_path / "peftkit")
     torch.testing.assert_close(out(loaded), expected["peftkit"], atol=1e-5, rtol=1e-5)
+
+
+def test_an_untied_adapter_beside_a_tied_one_merges_into_its_own_copy() -> None:
+    """Adapter "a" ties the head to the embedding; "b" is a plain LoRA on the head. Merging "b" alone must not
+    write into the embedding the head shares."""
+    model = _model(peftkit, "lora-embedding")  # adapter "default": tied, on embed_tokens and lm_head
+    model.add_adapter("b", peftkit.LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False))
+    model.set_adapter("b")
+    embedding = model.base_model.model.model.embed_tokens
+    expected, before = _logits(model), embedding(IDS).detach()
+    with pytest.warns(UserWarning, match="share"):
+        model.merge_adapter(["b"])
+    torch.testing.assert_close(_logits(model), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embedding(IDS), before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("setting", ["save-embedding", "lora-embedding"])
+def test_low_cpu_mem_usage_loading_keeps_the_tie(setting: str, tmp_path: Path) -> None:
+    model = _model(peftkit, setting)
+    _randomize(model)
+    model.save_pretrained(tmp_path)
+    loaded = peftkit.PeftModel.from_pretrained(
+        tiny_llama_tied(0), tmp_path, low_cpu_mem_usage=True, is_trainable=True
+    )
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=0, rtol=0)
+    optimizer = torch.optim.SGD([p for p in loaded.parameters() if p.requires_grad], lr=0.1)
+    loaded(input_ids=IDS, labels=IDS).loss.backward()
+    optimizer.step()
+    base = loaded.base_model.model
+    if setting == "save-embedding":
+        assert base.lm_head.weight is base.model.embed_tokens.weight
+    else:
+        head_A = base.lm_head.lora_A["default"].weight
+        assert torch.equal(head_A, base.model.embed_tokens.lora_embedding_B["default"].T)
+        assert head_A.data_ptr() == base.model.embed_tokens.lora_embedding_B["default"].data_ptr()
+
+
+def test_the_tie_follows_hf_peft_s_naming_rule() -> None:
+    """HF PEFT ties only when a target names an embedding layer ("embed_tokens" / "lm_head"): BART's `shared`
+    targeted by its own name gets LoRA alone, as in HF PEFT."""
+    from tiny_models import tiny_bart
+
+    for lib in LIBS.values():
+        config = lib.LoraConfig(r=4, target_modules=["shared"], ensure_weight_tying=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(tiny_bart(0), config)
+        wrapped = [
+            n for n, m in model.named_modules() if hasattr(m, "lora_embedding_A") or hasattr(m, "lora_A")
+        ]
+        assert [n for n in wrapped if not n.endswith(("lora_A", "lora_B"))] == [
+            "base_model.model.model.shared"
+        ]

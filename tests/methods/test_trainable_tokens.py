@@ -181,6 +181,10 @@ def test_errors_are_clear_and_leave_the_model_as_it_was() -> None:
                 ensure_weight_tying=True,
             ),
         )
+    tied = peftkit.get_peft_model(tiny_llama_tied(0), peftkit.TrainableTokensConfig(token_indices=[1, 2]))
+    with pytest.raises(ValueError, match="tied to the input embedding"):  # the head already reads those rows
+        tied.add_adapter("head", peftkit.TrainableTokensConfig(token_indices=[3], target_modules=["lm_head"]))
+    assert list(tied.peft_config) == ["default"]
     model = peftkit.get_peft_model(tiny_llama(0), peftkit.TrainableTokensConfig(token_indices=[1, 9]))
     model.add_adapter("overlap", peftkit.TrainableTokensConfig(token_indices=[9]))
     model.base_model.set_adapter(["default", "overlap"])

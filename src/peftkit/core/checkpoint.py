@@ -164,29 +164,39 @@ def set_peft_model_state_dict(
         raise ValueError(" ".join(parts))
     on_meta = {id(t) for t in targets.values() if t.device.type == "meta"}
     owners = _parameter_owners(model, on_meta) if on_meta else {}
+    replaced: dict[int, nn.Parameter] = {}
     with torch.no_grad():
         for key, target in targets.items():
             if id(target) in owners:  # created with low_cpu_mem_usage: the loaded tensor takes its place
-                module, attr, device = owners[id(target)]
-                value = state_dict[key].to(device=device, dtype=target.dtype)
-                module._parameters[attr] = nn.Parameter(value.clone(), requires_grad=target.requires_grad)
+                holders = owners[id(target)]
+                if id(target) not in replaced:  # a parameter held twice (tied) becomes one new parameter
+                    value = state_dict[key].to(device=holders[0][2], dtype=target.dtype)
+                    replaced[id(target)] = nn.Parameter(value.clone(), requires_grad=target.requires_grad)
+                for module, attr, _ in holders:
+                    module._parameters[attr] = replaced[id(target)]
             else:
                 target.copy_(state_dict[key].to(device=target.device, dtype=target.dtype))
+    if replaced:
+        tuner.after_loading(adapter_name)  # ties between parameters that the replacement cut
     return nn.modules.module._IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
 
-def _parameter_owners(model: nn.Module, ids: set[int]) -> dict[int, tuple[nn.Module, str, torch.device]]:
-    """For parameters (by id) on the meta device: every ``(module, attribute)`` holding one, and the device
+def _parameter_owners(
+    model: nn.Module, ids: set[int]
+) -> dict[int, list[tuple[nn.Module, str, torch.device]]]:
+    """For parameters (by id) on the meta device: every ``(module, attribute)`` holding one, with the device
     its values belong on (that of the nearest enclosing module with real parameters: the wrapped layer)."""
-    owners: dict[int, tuple[nn.Module, str, torch.device]] = {}
+    owners: dict[int, list[tuple[nn.Module, str, torch.device]]] = {}
     fallback = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    seen: set[tuple[int, str]] = set()
 
     def visit(module: nn.Module, device: torch.device) -> None:
         own = next((p.device for p in module.parameters() if p.device.type != "meta"), None)
         device = own or device
         for attr, param in module._parameters.items():
-            if param is not None and id(param) in ids:
-                owners[id(param)] = (module, attr, device)
+            if param is not None and id(param) in ids and (id(module), attr) not in seen:
+                seen.add((id(module), attr))
+                owners.setdefault(id(param), []).append((module, attr, device))
         for child in module.children():
             visit(child, device)
 

@@ -55,33 +55,42 @@ def adapter_dtype_policy(autocast_adapter_dtype: bool | None) -> Iterator[None]:
         _AUTOCAST_ADAPTER_DTYPE.reset(token)
 
 
-_META_LOCK = threading.RLock()
+_META_LOCK = threading.Lock()
+_META_ACTIVE: ContextVar[bool] = ContextVar("new_parameters_on_meta", default=False)
+_META_PATCH: list[Any] = []  # [the original register_parameter, number of blocks open] while patched
+
+
+def _register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _META_PATCH[0](module, name, param)
+    if _META_ACTIVE.get() and param is not None and param.device.type != "meta":
+        module._parameters[name] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
 
 
 @contextlib.contextmanager
 def new_parameters_on_meta(enabled: bool = True) -> Iterator[None]:
-    """HF PEFT's ``low_cpu_mem_usage``: parameters registered inside the block are moved to the meta device
-    (no memory, no values), for adapters whose values are about to be loaded from a file
+    """HF PEFT's ``low_cpu_mem_usage``: parameters registered inside the block (in this thread) are moved to
+    the meta device (no memory, no values), for adapters whose values are about to be loaded from a file
     (:func:`peftkit.core.checkpoint.set_peft_model_state_dict` then puts real tensors in their place). The
-    model's existing parameters and every buffer are left as they are. ``enabled=False``: nothing changes."""
+    model's existing parameters, every buffer, and other threads' modules are left as they are.
+    ``enabled=False``: nothing changes."""
     if not enabled:
         yield
         return
-    with _META_LOCK:
-        original = nn.Module.register_parameter
-
-        def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-            original(module, name, param)
-            if param is not None and param.device.type != "meta":
-                module._parameters[name] = nn.Parameter(
-                    param.detach().to("meta"), requires_grad=param.requires_grad
-                )
-
-        nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            nn.Module.register_parameter = original  # type: ignore[method-assign]
+    with _META_LOCK:  # the class attribute is patched while any block is open, in any thread
+        if not _META_PATCH:
+            _META_PATCH[:] = [nn.Module.register_parameter, 0]
+            nn.Module.register_parameter = _register_on_meta  # type: ignore[method-assign]
+        _META_PATCH[1] += 1
+    token = _META_ACTIVE.set(True)
+    try:
+        yield
+    finally:
+        _META_ACTIVE.reset(token)
+        with _META_LOCK:
+            _META_PATCH[1] -= 1
+            if _META_PATCH[1] == 0:
+                nn.Module.register_parameter = _META_PATCH[0]  # type: ignore[method-assign]
+                _META_PATCH.clear()
 
 
 def layer_features(layer: nn.Module) -> tuple[int | None, int | None]:
@@ -205,9 +214,16 @@ class AdapterLayer(nn.Module):
     @property
     def tied_layer(self) -> AdapterLayer | None:
         """Another layer whose base weight is this layer's own (an output head tied to the embedding) and
-        whose merge already writes this layer's update into it; merging keeps such a weight shared (this
-        layer's :meth:`merge_weight` must then leave it as it is). ``None``: no such layer."""
+        whose merge already writes the update of this layer's tied adapters into it (see
+        :meth:`merges_through_tie`); merging those keeps such a weight shared (this layer's
+        :meth:`merge_weight` must then leave it as it is). ``None``: no such layer."""
         return None
+
+    def merges_through_tie(self, adapter_name: str) -> bool:
+        """Whether adapter ``adapter_name`` of this layer is one update with the :attr:`tied_layer`'s (its
+        merge writes nothing of its own into the shared weight). Default: every adapter, when there is a
+        tied layer."""
+        return self.tied_layer is not None
 
     @property
     def base_is_quantized(self) -> bool:

@@ -25,7 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.architectures import input_embeddings_name, modules_tied_to_input_embeddings
+from peftkit.architectures import (
+    EMBEDDING_LAYER_NAMES,
+    input_embeddings_name,
+    modules_tied_to_input_embeddings,
+)
 from peftkit.core.config import PeftConfig
 from peftkit.core.layer import BASE_ADAPTER_NAME, SAVED_PREFIX, AdapterLayer, ModulesToSaveWrapper
 from peftkit.core.quantization import (
@@ -302,6 +306,11 @@ class BaseTuner(nn.Module):
             f"(path_initial_model_for_weight_conversion is for LoRA adapters initialised with PiSSA or OLoRA)."
         )
 
+    def after_loading(self, adapter_name: str) -> None:
+        """Called after saved tensors replaced adapter parameters built on the meta device
+        (``low_cpu_mem_usage``): restore what tied parameters to each other (views of one storage). The
+        default has nothing to restore."""
+
     def auto_saves_embedding_weights(self, config: PeftConfig) -> bool:
         """Whether ``save_pretrained(save_embedding_layers="auto")`` stores the base weights of the adapted
         embeddings beside the adapter (HF PEFT does, for a vocabulary that may have been resized). A method
@@ -490,7 +499,8 @@ class BaseTuner(nn.Module):
                 )  # HF PEFT's words
             return {}
         involved = [n for n in (embedding, *tied) if any(name_matches(n, [p]) for p in patterns)]
-        if not involved:
+        # HF PEFT's rule: only an entry named like an embedding layer ("embed_tokens", "lm_head") counts
+        if not involved or not any(str(p).split(".")[-1] in EMBEDDING_LAYER_NAMES for p in patterns):
             return {}
         if not getattr(config, "ensure_weight_tying", False):
             if hasattr(config, "ensure_weight_tying"):
@@ -508,7 +518,10 @@ class BaseTuner(nn.Module):
             setattr(parent, child_name, wrapper)
         if adapter_name not in wrapper.modules_to_save:
             wrapper.add_adapter(adapter_name)
-        wrapper.modules_to_save[adapter_name].weight = source.modules_to_save[adapter_name].weight
+        # the same parameter object (set directly: a low_cpu_mem_usage block would re-register a copy)
+        wrapper.modules_to_save[adapter_name]._parameters["weight"] = source.modules_to_save[
+            adapter_name
+        ].weight
 
     # ---------------------------------------------------------------------- activity & training
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
@@ -794,19 +807,34 @@ class BaseTuner(nn.Module):
         counts: dict[int, int] = {}
         for _, param in self.model.named_parameters(remove_duplicate=False):
             counts[id(param)] = counts.get(id(param), 0) + 1
-        # a weight held only by a layer and the layers tied to it stays shared: they merge into it together
-        tie_groups: dict[int, set[int]] = {}
+        names = self.active_adapters if adapter_names is None else adapter_names
+
+        def pending(layer: AdapterLayer) -> list[str]:
+            return [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]
+
+        # A weight held only by a layer and the layers tied to it stays shared when every adapter about to
+        # merge there is one update across the group (it is written once); otherwise each layer gets a copy.
+        groups: dict[int, tuple[AdapterLayer, list[AdapterLayer]]] = {}
         for _, layer in self.adapter_layers():
             owner = layer.tied_layer
             if owner is not None:
                 own = {id(p) for p in layer.get_base_layer().parameters(recurse=False)}
                 for param in owner.get_base_layer().parameters(recurse=False):
                     if id(param) in own:
-                        tie_groups.setdefault(id(param), {id(owner)}).add(id(layer))
-        kept_shared = {pid for pid, members in tie_groups.items() if len(members) == counts.get(pid, 0)}
+                        groups.setdefault(id(param), (owner, []))[1].append(layer)
+        kept_shared = {
+            pid
+            for pid, (owner, heads) in groups.items()
+            if 1 + len(heads) == counts.get(pid, 0)
+            and all(head.merges_through_tie(n) for head in heads for n in pending(head))
+            and all(
+                n in head.adapter_names and head.merges_through_tie(n)
+                for n in pending(owner)
+                for head in heads
+            )
+        }
         untied = []
         for path, layer in self.adapter_layers():
-            names = self.active_adapters if adapter_names is None else adapter_names
             if not any(n in layer.adapter_names and n not in layer.merged_adapters for n in names):
                 continue
             base = layer.get_base_layer()

@@ -42,13 +42,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.architectures import find_block_list, input_embeddings_name, modules_tied_to_input_embeddings
+from peftkit.architectures import (
+    EMBEDDING_LAYER_NAMES,
+    find_block_list,
+    input_embeddings_name,
+    modules_tied_to_input_embeddings,
+)
 from peftkit.core.checkpoint import loading_saved_adapter, validate_adapter_name
 from peftkit.core.config import PeftConfig, PeftType
 from peftkit.core.layer import AdapterLayer, adapter_dtype, linear_fan_in_fan_out, parameter_override
 from peftkit.core.merge import SPARSIFYING, combine_cat, combine_linear, combine_svd, combine_tensors
 from peftkit.core.registry import register_method
-from peftkit.core.targeting import check_module_names, name_matches, per_module_value
+from peftkit.core.targeting import check_module_names, name_matches, pattern_match, per_module_value
 from peftkit.core.tuner import SAVED_PREFIX, UNTIED_ADAPTER_WARNING, BaseTuner
 from peftkit.methods.lora_ops import DoraLinearFunction, LoraLinearFunction
 from peftkit.methods.trainable_tokens import (
@@ -322,15 +327,18 @@ class LoraLayer(AdapterLayer):
                 f"{type(embedding).__name__}."
             )
         emb_A, emb_B = embedding.lora_embedding_A[adapter_name], embedding.lora_embedding_B[adapter_name]
-        self.lora_A[adapter_name].weight = nn.Parameter(emb_B.detach().t())
-        self.lora_B[adapter_name].weight = nn.Parameter(emb_A.detach().t())
+        for factor, source in ((self.lora_A[adapter_name], emb_B), (self.lora_B[adapter_name], emb_A)):
+            factor.weight = nn.Parameter(source.detach().t(), requires_grad=factor.weight.requires_grad)
         self._tied_to[:] = [embedding]
         self._tied_adapters.add(adapter_name)
+
+    def merges_through_tie(self, adapter_name: str) -> bool:
+        return adapter_name in self._tied_adapters and self.tied_layer is not None
 
     def _merges_through_tie(self, adapter_name: str) -> bool:
         tied = self.tied_layer
         return (
-            adapter_name in self._tied_adapters
+            self.merges_through_tie(adapter_name)
             and tied is not None
             and tied.get_base_layer().weight is self.get_base_layer().weight
         )
@@ -1318,12 +1326,14 @@ class LoraModel(BaseTuner):
         self._lora_tied: dict[str, str] = {}
         tied = modules_tied_to_input_embeddings(self.model)
         embedding = input_embeddings_name(self.model)
-        # as HF PEFT: only targets named in the config count ("all-linear" reaching the head does not)
+        # as HF PEFT: only a target_modules entry named like an embedding layer counts ("all-linear" reaching
+        # the head, or BART's `shared` under its short name, does not); also the input embedding's full name,
+        # which HF PEFT writes into the configs it saves in place of the tied modules' names
+        named = _names_embedding_layer(config.target_modules) or (
+            isinstance(config.target_modules, (list, set, tuple)) and embedding in config.target_modules
+        )
         involved = (
-            bool(tied)
-            and embedding is not None
-            and config.target_modules != "all-linear"
-            and any(n in names for n in (embedding, *tied))
+            bool(tied) and embedding is not None and named and any(n in names for n in (embedding, *tied))
         )
         if not config.ensure_weight_tying:
             if involved:
@@ -1483,6 +1493,16 @@ class LoraModel(BaseTuner):
 
     def auto_saves_embedding_weights(self, config: PeftConfig) -> bool:
         return getattr(config, "trainable_token_indices", None) is None  # HF PEFT's rule
+
+    def after_loading(self, adapter_name: str) -> None:
+        """Heads tied by ``ensure_weight_tying`` take the loaded embedding factors again (as views)."""
+        for _, layer in self.adapter_layers():
+            if (
+                isinstance(layer, LoraLayer)
+                and adapter_name in layer._tied_adapters
+                and layer.tied_layer is not None
+            ):
+                layer.tie_factors(adapter_name, layer.tied_layer)
 
     def relative_to_initial(
         self, adapter_name: str, tensors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
@@ -1799,6 +1819,13 @@ _COMBINATIONS = (
     *SPARSIFYING,
     *(f"{kind}_svd" for kind in SPARSIFYING),
 )
+
+
+def _names_embedding_layer(targets: list[str] | str | None) -> bool:
+    """HF PEFT's test: a list entry ending with an embedding layer's name, or a regex matching one."""
+    if isinstance(targets, str):
+        return targets != "all-linear" and any(pattern_match(targets, name) for name in EMBEDDING_LAYER_NAMES)
+    return any(str(t).split(".")[-1] in EMBEDDING_LAYER_NAMES for t in targets or ())
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:

@@ -338,6 +338,11 @@ def add_token_layer(
             target = target.base_layer  # explicitly targeted too: tie it instead (as HF PEFT)
         return layer_cls(target, tied_to=owner)
     if isinstance(target, TrainableTokensLayer):
+        if target.tied_adapter is not None:
+            raise ValueError(
+                f"{name} is tied to the input embedding and already reads the embedding's trained rows; train "
+                f"its tokens through the embedding (the same ids act in both)."
+            )
         target.update_layer(adapter_name, token_indices, init_weights)
         return None
     if isinstance(target, AdapterLayer):
