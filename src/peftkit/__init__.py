@@ -43,6 +43,7 @@ from peftkit.methods.freeze import FreezeConfig, FreezeModel, HeadOnlyConfig
 from peftkit.methods.full import FullConfig, FullModel
 from peftkit.methods.fusion import AdapterFusionConfig
 from peftkit.methods.ia3 import IA3Config, IA3Model
+from peftkit.methods.ln_tuning import LNTuningConfig, LNTuningModel
 from peftkit.methods.lora import LoftQConfig, LoraConfig, LoraModel, replace_lora_weights_loftq
 from peftkit.methods.mam import MAMConfig
 from peftkit.methods.multitask_prompt_tuning import (
@@ -91,6 +92,8 @@ __all__ = [
     "HeadOnlyConfig",
     "IA3Config",
     "IA3Model",
+    "LNTuningConfig",
+    "LNTuningModel",
     "LoftQConfig",
     "LoraConfig",
     "LoraModel",

@@ -257,6 +257,27 @@ ENCODER_ATTENTION: dict[str, EncoderAttention] = {
 }
 
 
+# ------------------------------------------------------------------------- LN Tuning default targets
+#: The normalisation layers LN Tuning trains per ``model.config.model_type`` (HF PEFT's table).
+LN_TUNING_DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["input_layernorm", "post_attention_layernorm", "norm"],
+    "bloom": ["input_layernorm", "post_attention_layernorm", "ln_f"],
+    "t5": ["layer_norm", "final_layer_norm"],
+    "mt5": ["layer_norm", "final_layer_norm"],
+    "bart": ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"],
+    "gpt2": ["ln_1", "ln_2", "ln_f"],
+    "gptj": ["ln_1", "ln_f"],
+    "falcon": ["input_layernorm", "post_attention_layernorm", "ln_f"],
+    "mistral": ["input_layernorm", "post_attention_layernorm", "norm"],
+    "phi": ["input_layernorm", "final_layernorm"],
+    "gemma": ["input_layernorm", "post_attention_layernorm", "norm"],
+    "gemma2": ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm", "norm"],
+    "gemma3_text": ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm", "norm"],
+    "qwen2": ["post_attention_layernorm"],
+    "qwen3": ["post_attention_layernorm"],
+}  # fmt: skip
+
+
 # ------------------------ Attention with q/k/v/o projections and rotary embeddings (LLaMA-Adapter)
 #: ``model.config.model_type`` values whose attention modules have ``q_proj``/``k_proj``/``v_proj``/
 #: ``o_proj`` and rotary position embeddings passed as ``position_embeddings``.

@@ -260,6 +260,12 @@ def _cases() -> list[CountCase]:
         "ia3-llama", "IA3", tiny_llama, plain(lambda: IA3Config()),
         ia3_llama, ia3_llama, ia3_llama,
     )  # fmt: skip
+    # --- LN Tuning on llama's defaults: a trained copy of each block's two RMSNorms and the final one (LH each)
+    ln_llama = (2 * LL + 1) * LH
+    case(
+        "ln-tuning-llama", "LN_TUNING", tiny_llama, plain(lambda: peftkit.LNTuningConfig()),
+        ln_llama, ln_llama, ln_llama,
+    )  # fmt: skip
     # --- TrainableTokens: 5 rows of the (untied) input embedding, LH wide each
     case(
         "trainable-tokens-llama", "TRAINABLE_TOKENS", tiny_llama,

@@ -123,6 +123,13 @@ CASES = [
         lambda: LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[1, 5, 9]),
         second_config=lambda: LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[2, 6]),
     ),
+    Case("ln-tuning-llama", "LN_TUNING", tiny_llama, lambda: peftkit.LNTuningConfig()),
+    Case(
+        "ln-tuning-bert-seq-cls",
+        "LN_TUNING",
+        tiny_bert_cls,
+        lambda: peftkit.LNTuningConfig(target_modules=["LayerNorm"], task_type="SEQ_CLS"),
+    ),
     Case(
         "trainable-tokens-llama",
         "TRAINABLE_TOKENS",

@@ -13,6 +13,7 @@ from peftkit.methods import (  # noqa: F401  # noqa: F401  (built from the metho
     full,
     fusion,
     ia3,
+    ln_tuning,
     lora,
     mam,
     multitask_prompt_tuning,
