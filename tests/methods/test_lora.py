@@ -541,3 +541,24 @@ def test_unmerging_ties_the_shared_weight_again() -> None:
         model.merge_adapter()
     model.unmerge_adapter()
     assert base.lm_head.weight is embedding
+
+
+def test_trainability_follows_hf_peft_through_loading_and_disabling(tmp_path) -> None:
+    """HF PEFT's rules (its issue #2759): an adapter loaded with is_trainable=True trains although it is not
+    active, loading another adapter leaves that as it is, and nothing trains inside disable_adapter()."""
+    peftkit.get_peft_model(tiny_llama(0), peftkit.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path
+    )
+    model = peftkit.PeftModel.from_pretrained(tiny_llama(0), tmp_path, is_trainable=True)
+
+    def trainable() -> set[str]:
+        return {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad}
+
+    assert trainable() == {"default"}
+    model.load_adapter(tmp_path, adapter_name="other", is_trainable=True)
+    assert trainable() == {"default", "other"}
+    model.load_adapter(tmp_path, adapter_name="frozen", is_trainable=False)
+    assert trainable() == {"default", "other"}
+    with model.disable_adapter():
+        assert trainable() == set()
+    assert trainable() == {"default", "other"}

@@ -572,6 +572,9 @@ class PeftModel(nn.Module):
             self._load_adapter(os.fspath(model_id), adapter_name, is_trainable, **kwargs)
         if not is_trainable:
             self.eval()  # as HF PEFT: a loaded adapter is for inference (its dropout off)
+        else:  # as HF PEFT: its parameters train although it is not active yet
+            for param in self.base_model.adapter_parameter_map(adapter_name).values():
+                param.requires_grad_(True)
         return nn.modules.module._IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
     def _load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool, **kwargs: Any) -> None:

@@ -420,7 +420,18 @@ class BaseTuner(nn.Module):
             self.module_targets_by_adapter.pop(adapter_name, None)
             self.parameter_targets_by_adapter.pop(adapter_name, None)
             raise
+        # the other adapters keep their trainability (HF PEFT: an inactive adapter loaded as trainable stays so)
+        kept = {
+            id(p): p.requires_grad
+            for n in self.peft_config
+            if n != adapter_name
+            for p in self.adapter_parameter_map(n).values()
+        }
         self.set_adapter(self.active_adapters)
+        for name in self.peft_config:
+            if name != adapter_name:
+                for param in self.adapter_parameter_map(name).values():
+                    param.requires_grad_(kept.get(id(param), param.requires_grad))
 
     def _add_selection(self, adapter_name: str, selection: BaseParameterSelection) -> None:
         others = [n for n in self.peft_config if n != adapter_name]
@@ -693,14 +704,22 @@ class BaseTuner(nn.Module):
         previous = [(m, m.disable_adapters) for _, m in layers] + [
             (m, m.disable_adapters) for _, m in wrappers
         ]
+        # as HF PEFT: nothing of the adapters trains inside the block (their flags come back after it)
+        trainable = [
+            p for n in self.peft_config for p in self.adapter_parameter_map(n).values() if p.requires_grad
+        ]
         try:
             for module, _ in previous:
                 module.disable_adapters = True
+            for param in trainable:
+                param.requires_grad_(False)
             with self._original_base_values():
                 yield
         finally:
             for module, state in previous:
                 module.disable_adapters = state
+            for param in trainable:
+                param.requires_grad_(True)
             for layer, names in merged:
                 layer.merge(adapter_names=names)
 
