@@ -64,3 +64,18 @@ def perturb_trainable(model: nn.Module, seed: int = 0, scale: float = 0.1) -> No
     for param in model.parameters():
         if param.requires_grad:
             param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def assert_mixed_batch_equals_each_adapter(model: nn.Module, ids: torch.Tensor, names: list[str]) -> None:
+    """A mixed-adapter batch (``adapter_names=names``, one per row of ``ids``; ``"__base__"`` for none) gives
+    each row what the model gives it with that adapter active alone (or with the adapters disabled)."""
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=ids[row : row + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=ids[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row : row + 1], alone, atol=1e-5, rtol=1e-5)

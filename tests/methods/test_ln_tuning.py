@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_state import assert_mixed_batch_equals_each_adapter
 from tiny_models import tiny_bert_seq_cls, tiny_llama
 
 import peftkit
@@ -76,3 +77,10 @@ def test_one_adapter_acts_and_merges_at_a_time() -> None:
     assert isinstance(merged.model.norm, torch.nn.Module) and torch.equal(merged.model.norm.weight, trained)
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=IDS).logits, expected)
+
+
+def test_mixed_batch_routes_each_row_to_its_adapter_s_norms() -> None:
+    model = peftkit.get_peft_model(tiny_llama(0), peftkit.LNTuningConfig())
+    model.add_adapter("other", peftkit.LNTuningConfig())
+    _perturb(model)
+    assert_mixed_batch_equals_each_adapter(model, torch.cat([IDS, IDS[:1]]), ["default", "other", "__base__"])

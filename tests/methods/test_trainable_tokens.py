@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_state import assert_mixed_batch_equals_each_adapter
 from safetensors.torch import load_file
 from tiny_models import tiny_llama, tiny_llama_tied
 
@@ -119,18 +120,7 @@ def test_mixed_batch_equals_each_adapter_alone() -> None:
     for name in ("default", "other"):
         model.base_model.set_adapter(name)
         _randomize(model, seed=2 if name == "other" else 1)
-    ids = torch.cat([IDS, IDS[:1]])
-    names = ["default", "other", "__base__"]
-    with torch.no_grad():
-        mixed = model(input_ids=ids, adapter_names=names).logits
-    for row, name in enumerate(names):
-        if name == "__base__":
-            with model.disable_adapter():
-                alone = _logits(model, ids[row : row + 1])
-        else:
-            model.set_adapter(name)
-            alone = _logits(model, ids[row : row + 1])
-        torch.testing.assert_close(mixed[row : row + 1], alone, atol=1e-5, rtol=1e-5)
+    assert_mixed_batch_equals_each_adapter(model, torch.cat([IDS, IDS[:1]]), ["default", "other", "__base__"])
 
 
 def test_a_token_added_by_resizing_is_defined_by_the_adapter_alone(tmp_path: Path) -> None:

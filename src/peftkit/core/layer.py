@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -338,6 +338,19 @@ class AdapterLayer(nn.Module):
                 f"adapter name (or {BASE_ADAPTER_NAME!r}) per row."
             )
         return names
+
+    def rows_replaced(
+        self, x: torch.Tensor, result: torch.Tensor, forward_one: Callable[[torch.Tensor, str], torch.Tensor]
+    ) -> torch.Tensor:
+        """A mixed-adapter batch for a layer whose adapters replace its output (not add to it): ``result`` (the
+        base output) with the rows of each adapter replaced by ``forward_one(x[rows], adapter_name)``."""
+        names = self.rows_adapter_names(x)
+        for name in dict.fromkeys(names):
+            if name == BASE_ADAPTER_NAME or name not in self.adapter_names:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            result = result.index_copy(0, rows, forward_one(x[rows], name))
+        return result
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         names = self.rows_adapter_names(x)

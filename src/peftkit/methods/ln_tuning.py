@@ -27,7 +27,7 @@ from torch import nn
 
 from peftkit.architectures import LN_TUNING_DEFAULT_TARGET_MODULES
 from peftkit.core.config import PeftConfig, PeftType
-from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer
+from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import register_method
 from peftkit.core.targeting import check_module_names
 from peftkit.core.tuner import BaseTuner
@@ -87,14 +87,10 @@ class LNTuningLayer(AdapterLayer):
         return module(x, *args, **kwargs)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        names = self.rows_adapter_names(x)
         result = self.base_layer(x, *args, **kwargs)
-        for name in dict.fromkeys(names):
-            if name == BASE_ADAPTER_NAME or name not in self.ln_tuning_layers:
-                continue
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            result = result.index_copy(0, rows, self.ln_tuning_layers[name](x[rows], *args, **kwargs))
-        return result
+        return self.rows_replaced(
+            x, result, lambda rows, name: self.ln_tuning_layers[name](rows, *args, **kwargs)
+        )
 
     def adapter_delta(self, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor) -> torch.Tensor:
         return self.ln_tuning_layers[adapter_name](x) - base_output

@@ -35,7 +35,7 @@ from torch import nn
 
 from peftkit.architectures import input_embeddings_name, modules_tied_to_input_embeddings
 from peftkit.core.config import PeftConfig, PeftType
-from peftkit.core.layer import BASE_ADAPTER_NAME, AdapterLayer
+from peftkit.core.layer import AdapterLayer
 from peftkit.core.registry import register_method
 from peftkit.core.tuner import BaseTuner
 
@@ -194,14 +194,10 @@ class TrainableTokensLayer(AdapterLayer):
         return self._forward_with(x, self.active_adapters, *args, **kwargs)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        names = self.rows_adapter_names(x)
         result = self.base_layer(x, *args, **kwargs)
-        for name in dict.fromkeys(names):
-            if name == BASE_ADAPTER_NAME or name not in self.token_indices:
-                continue
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            result = result.index_copy(0, rows, self._forward_with(x[rows], [name], *args, **kwargs))
-        return result
+        return self.rows_replaced(
+            x, result, lambda rows, name: self._forward_with(rows, [name], *args, **kwargs)
+        )
 
     def adapter_delta(self, x: torch.Tensor, adapter_name: str, base_output: torch.Tensor) -> torch.Tensor:
         return self._forward_with(x, [adapter_name]) - base_output
